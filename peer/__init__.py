@@ -1,0 +1,1 @@
+"""The peers: ``peer send`` and ``peer recv``."""

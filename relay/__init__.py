@@ -1,0 +1,1 @@
+"""The relay daemon: pairs senders with receivers and pipes their encrypted bytes blindly."""
