@@ -1,0 +1,211 @@
+"""The encrypted record layer of the secure room (PROTOCOL.md §6), sans I/O.
+
+A `Sealer` turns plaintext into records for one direction; an `Opener` is fed the raw
+bytes of the other direction in whatever pieces the transport delivers and hands back
+whole plaintext records.  Neither touches a socket, so the same code serves TCP,
+WebSocket and the tests.
+
+Wire format of one record: ``len (u16) ‖ ciphertext ‖ tag (16)``, AES-256-GCM with
+AAD ``00 01 ‖ len`` and a 20-byte nonce ``base (12) ‖ sequence (u64)``.  The raw bytes
+``ff ff ff ff`` are the close marker.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Literal
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from .spoke import CIPHER_AES256_GCM
+
+__all__ = [
+    "CLOSE",
+    "CLOSED",
+    "CIPHER_AES256_GCM",
+    "MAX_RECORD_SIZE",
+    "Closed",
+    "Opener",
+    "RecordError",
+    "Sealer",
+]
+
+MAX_RECORD_SIZE = 0x7FFF  # bob's reader buffer holds 2 + 0x7fff + 16 bytes
+HEADER_SIZE = 2
+TAG_SIZE = 16
+SUB_KEY_SIZE = 64
+KEY_SIZE = 32
+BASE_NONCE_SIZE = 12
+CLOSE_LENGTH = 0xFFFF
+
+# The raw, unencrypted close marker.  Readers only look at its first two bytes.
+CLOSE = b"\xff\xff\xff\xff"
+
+# The AAD of a record is this fixed prefix (spoke's version 1, big-endian) then len.
+_AAD_PREFIX = b"\x00\x01"
+_MAX_SEQUENCE = 2**64 - 1
+
+
+class Closed(enum.Enum):
+    """Type of the `CLOSED` sentinel, so type checkers can tell it from bytes."""
+
+    CLOSED = "closed"
+
+
+# Returned by `Opener.next_record` once the peer's close marker has been read.
+CLOSED = Closed.CLOSED
+
+
+class RecordError(Exception):
+    """The incoming stream is corrupt: bad tag, bad length, or cut inside a record."""
+
+
+def _cipher_for(sub_key: bytes, cipher: int) -> tuple[AESGCM, bytes]:
+    """Build the AEAD and base nonce for one direction from its 64-byte sub-key.
+
+    Only AES-256-GCM (id 0) works: the nonce is 20 bytes, which GCM accepts (it
+    GHASHes nonces that are not 12 bytes long) but ChaCha20-Poly1305 (12 bytes only)
+    and AES-CCM (7..13 bytes) cannot take.  bob has the same limit, which is why it
+    only ever sends data in the direction whose cipher is GCM.
+    """
+    if cipher != CIPHER_AES256_GCM:
+        raise ValueError(
+            f"cipher id {cipher} cannot carry records: only AES-256-GCM (id 0) accepts "
+            "the protocol's 20-byte nonce"
+        )
+    if len(sub_key) != SUB_KEY_SIZE:
+        raise ValueError(f"sub-key must be {SUB_KEY_SIZE} bytes, got {len(sub_key)}")
+    return AESGCM(bytes(sub_key[:KEY_SIZE])), bytes(sub_key[KEY_SIZE : KEY_SIZE + BASE_NONCE_SIZE])
+
+
+def _nonce(base: bytes, sequence: int) -> bytes:
+    if sequence > _MAX_SEQUENCE:
+        # 2**64 records will not happen, but reusing a nonce must never happen either.
+        raise RecordError("record sequence number exhausted")
+    return base + sequence.to_bytes(8, "big")
+
+
+class Sealer:
+    """Encrypts one direction of the secure room, one record per `seal` call.
+
+    Record boundaries are visible to the peer (bob's single-file receiver relies on
+    them), so callers choose them; `seal_many` is for when they do not matter.
+    """
+
+    def __init__(self, sub_key: bytes, cipher: int = CIPHER_AES256_GCM) -> None:
+        self._aead, self._base_nonce = _cipher_for(sub_key, cipher)
+        self._sequence = 0
+
+    @property
+    def sequence(self) -> int:
+        """Sequence number of the next record."""
+        return self._sequence
+
+    def seal(self, plaintext: bytes) -> bytes:
+        """One record for 1..0x7fff bytes of plaintext (an empty record would break bob)."""
+        size = len(plaintext)
+        if not 1 <= size <= MAX_RECORD_SIZE:
+            raise ValueError(f"record plaintext must be 1..{MAX_RECORD_SIZE} bytes, got {size}")
+        header = size.to_bytes(2, "big")
+        nonce = _nonce(self._base_nonce, self._sequence)
+        sealed = self._aead.encrypt(nonce, plaintext, _AAD_PREFIX + header)
+        self._sequence += 1
+        return header + sealed
+
+    def seal_many(self, data: bytes, record_size: int = MAX_RECORD_SIZE) -> list[bytes]:
+        """Cut `data` into records of at most `record_size` bytes; no data, no records."""
+        if not 1 <= record_size <= MAX_RECORD_SIZE:
+            raise ValueError(f"record_size must be 1..{MAX_RECORD_SIZE}")
+        view = memoryview(data)
+        return [self.seal(view[start : start + record_size]) for start in range(0, len(view), record_size)]
+
+
+class Opener:
+    """Decrypts one direction of the secure room from arbitrarily split input.
+
+    Drive it with `feed` for each chunk received, then call `next_record` until it
+    returns None (more bytes needed).  It returns `CLOSED`, and keeps returning it,
+    once the peer's close marker arrives.  Call `eof` when the transport ends.
+    """
+
+    def __init__(self, sub_key: bytes, cipher: int = CIPHER_AES256_GCM) -> None:
+        self._aead, self._base_nonce = _cipher_for(sub_key, cipher)
+        self._sequence = 0
+        # Received bytes; those before `_start` are already consumed.  Records are
+        # decrypted in place and consumed by moving `_start`; the consumed prefix is
+        # dropped once per `feed`, so each byte is copied once however the stream is cut.
+        self._buffer = bytearray()
+        self._start = 0
+        self._closed = False
+        self._ended = False
+        # A corrupt stream stays corrupt: every later call re-raises the first error.
+        self._failure: RecordError | None = None
+
+    @property
+    def closed(self) -> bool:
+        """True once the close marker has been read."""
+        return self._closed
+
+    @property
+    def sequence(self) -> int:
+        """Sequence number of the next record to open."""
+        return self._sequence
+
+    def feed(self, data: bytes) -> None:
+        """Add received bytes.  Anything after the close marker is ignored."""
+        if self._ended:
+            raise RuntimeError("feed() after eof()")
+        if self._closed:
+            return
+        if self._start:
+            del self._buffer[: self._start]
+            self._start = 0
+        self._buffer += data
+
+    def next_record(self) -> bytes | Literal[Closed.CLOSED] | None:
+        """The next plaintext record, `CLOSED`, or None if it has not fully arrived."""
+        if self._failure is not None:
+            raise self._failure
+        if self._closed:
+            return CLOSED
+        buffer, start = self._buffer, self._start
+        if len(buffer) - start < HEADER_SIZE:
+            return None
+        size = (buffer[start] << 8) | buffer[start + 1]
+        if size == CLOSE_LENGTH:
+            # Only the first two bytes of the marker matter; drop the rest unread.
+            self._closed = True
+            buffer.clear()
+            self._start = 0
+            return CLOSED
+        if not 1 <= size <= MAX_RECORD_SIZE:
+            self._failure = RecordError(f"invalid record length {size:#06x}")
+            raise self._failure
+        end = start + HEADER_SIZE + size + TAG_SIZE
+        if len(buffer) < end:
+            return None
+        aad = _AAD_PREFIX + bytes(buffer[start : start + HEADER_SIZE])
+        nonce = _nonce(self._base_nonce, self._sequence)
+        try:
+            # The view is released on leaving the block: a bytearray cannot be
+            # resized (next `feed`) while a view of it is alive.
+            with memoryview(buffer) as view:
+                plaintext = self._aead.decrypt(nonce, view[start + HEADER_SIZE : end], aad)
+        except InvalidTag:
+            self._failure = RecordError(f"record {self._sequence} failed authentication")
+            raise self._failure from None
+        self._start = end
+        self._sequence += 1
+        return plaintext
+
+    def eof(self) -> None:
+        """The transport ended: clean at a record boundary, corruption inside a record.
+
+        Call it after draining `next_record`; bytes still buffered then are an
+        incomplete record.
+        """
+        self._ended = True
+        left_over = len(self._buffer) - self._start
+        if not self._closed and left_over:
+            raise RecordError(f"stream ended inside a record ({left_over} bytes left over)")
