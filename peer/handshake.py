@@ -1,0 +1,649 @@
+"""The handshake of both peer roles as sans-I/O state machines (PROTOCOL.md §2–§4).
+
+A driver owns the relay connection: it decodes the relay's stream with ``relay.wire.Parser``,
+hands each frame to ``receive(frame, now)`` and writes the frame of every ``SendFrame`` event
+it gets back (its UID is the destination). The machines never read a clock or a socket; the
+receiver's one timer is exposed through ``next_deadline()`` / ``tick(now)``, so tests can run
+whole exchanges with a fake clock and the driver can use any event loop.
+
+Roles keep bob's names in the protocol docs: the sender is spoke's *server*, the receiver
+its *client*. The packets and their order are bob's byte for byte, so either machine works
+against bob's peers through either relay. Where we behave differently, it is in what we do
+with the same packets:
+
+Guessing limit (sender). Each handshake a stranger runs against our sender is one *online*
+guess of the code: after receiving Y and our validator (packet 06) it can test one password
+offline, whether it then answers or just walks away. The sender therefore counts every
+handshake that got a 06 and did not end in an agreement (wrong validator, a Spoke_failure
+from the receiver, a departure mid-way) and gives up after ``max_attempts`` (default 3).
+Handshakes still in flight count against the budget too, so a stranger cannot open many at
+once to get more guesses. With our default codes (three words of the EFF large list, about
+38.8 bits) three guesses succeed with probability 3 / 2**38.8, under 1e-11; three also
+leaves room for the honest "I mistyped it" once or twice. bob has no limit at all.
+
+Nameplates (both roles). On a busy relay every receiver is told about every waiting sender,
+and bob's receiver runs a handshake with each of them. Our codes start with a number, the
+nameplate (``417-cobalt-lemon-unicycle``); our sender puts it in the first two bytes of its
+spoke salt and our receiver only answers senders whose salt starts with its own nameplate.
+That cuts cross-talk and wasted guesses without changing a byte of the protocol: a bob
+receiver still tries every sender and finds ours, and our receiver with a bob password (no
+nameplate) still tries everyone. The nameplate is public by design (the salt is sent in
+clear to every receiver); the secret is the rest of the code, and only that part counts as
+its entropy.
+
+Wrong code (receiver). The receiver learns that its code is wrong when a sender's validator
+does not match (it answers Spoke_failure 1). Another sender may still be coming, so it waits
+a short grace period with no handshake in progress before giving up; once any sender has
+proved the same code, later mismatches are other people's senders and never end the session.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+from typing import Callable, Union
+
+import attrs
+
+from peer import spoke
+from relay import wire
+
+__all__ = [
+    "DEFAULT_GRACE",
+    "DEFAULT_MAX_ATTEMPTS",
+    "AgreementWithdrawn",
+    "Agreed",
+    "AttemptFailed",
+    "Declined",
+    "Event",
+    "Failed",
+    "FailureKind",
+    "Paired",
+    "ReceiverHandshake",
+    "Registered",
+    "SendFrame",
+    "SenderHandshake",
+    "Verified",
+    "nameplate_of",
+    "salt_for",
+]
+
+DEFAULT_MAX_ATTEMPTS = 3
+DEFAULT_GRACE = 2.0
+"""Seconds a receiver whose code was rejected waits for another sender before giving up."""
+
+MAX_NAMEPLATE = 0xFFFF
+_NAMEPLATE_DIGITS = 5
+_NAMEPLATE_SIZE = 2
+_SALT_OFFSET = spoke.PUBLIC_SIZE - spoke.SALT_SIZE
+"""Where the salt starts in an encoded public (the raw 04 body is filtered before decoding)."""
+
+RELAY_CLOSED_REASON = "the relay closed the connection"
+
+
+# --- events ---------------------------------------------------------------------------------
+
+
+@attrs.frozen
+class SendFrame:
+    """Write this frame to the relay; ``frame.uid`` is the destination (0000 = the relay)."""
+
+    frame: wire.Frame
+
+
+@attrs.frozen
+class Registered:
+    """The relay accepted us and told us our identity (the address it sees)."""
+
+    identity: bytes
+
+
+@attrs.frozen(kw_only=True)
+class Verified:
+    """Sender only, informational: a receiver proved it has the code; its user must now accept."""
+
+    partner_uid: int
+    partner_identity: bytes
+
+
+@attrs.frozen(kw_only=True)
+class Agreed:
+    """Receiver only: a sender proved it has the code. Answer with ``accept`` or ``refuse``."""
+
+    partner_uid: int
+    partner_identity: bytes
+    keys: spoke.SharedKeys
+
+
+@attrs.frozen(kw_only=True)
+class AgreementWithdrawn:
+    """Receiver only: an agreed sender left before the deal was done; drop any prompt for it."""
+
+    partner_uid: int
+    partner_identity: bytes
+
+
+@attrs.frozen(kw_only=True)
+class Declined:
+    """Sender only, informational: an agreed receiver's user refused us; we keep waiting."""
+
+    partner_uid: int
+    partner_identity: bytes
+
+
+@attrs.frozen(kw_only=True)
+class AttemptFailed:
+    """Sender only: a handshake ended without agreement, which spent one guess of the code."""
+
+    reason: str
+    partner_identity: bytes
+    attempts_used: int
+    attempts_allowed: int
+
+
+@attrs.frozen(kw_only=True)
+class Paired:
+    """Terminal: the handshake is done; go to the secure room with ``partner_identity``."""
+
+    partner_uid: int
+    partner_identity: bytes
+    keys: spoke.SharedKeys
+    ciphers: tuple[int, int]
+
+
+class FailureKind(enum.StrEnum):
+    """Why a handshake ended without pairing (compares equal to its string value)."""
+
+    WRONG_CODE = "wrong_code"
+    GUESSING_LIMIT = "guessing_limit"
+    RELAY_CLOSED = "relay_closed"
+
+
+@attrs.frozen
+class Failed:
+    """Terminal: the handshake cannot succeed on this connection; ``reason`` is for the user."""
+
+    reason: str
+    kind: FailureKind
+
+
+Event = Union[
+    SendFrame, Registered, Verified, Agreed, AgreementWithdrawn, Declined, AttemptFailed,
+    Paired, Failed,
+]
+
+
+# --- nameplates -----------------------------------------------------------------------------
+
+
+def nameplate_of(password: bytes) -> int | None:
+    """The public number a code starts with (``417-...`` → 417), or None for other passwords.
+
+    One to five ASCII digits, a dash, then anything; the value must fit the two salt bytes.
+    """
+    dash = password.find(b"-")
+    if not 1 <= dash <= _NAMEPLATE_DIGITS:
+        return None
+    digits = password[:dash]
+    if not all(0x30 <= c <= 0x39 for c in digits):
+        return None
+    value = int(digits)
+    return value if value <= MAX_NAMEPLATE else None
+
+
+def salt_for(nameplate: int | None) -> bytes:
+    """A fresh spoke salt, led by the nameplate (big-endian) when there is one."""
+    if nameplate is None:
+        return os.urandom(spoke.SALT_SIZE)
+    prefix = nameplate.to_bytes(_NAMEPLATE_SIZE, "big")
+    return prefix + os.urandom(spoke.SALT_SIZE - _NAMEPLATE_SIZE)
+
+
+def _salt_matches(public: bytes, nameplate: int) -> bool:
+    start = _SALT_OFFSET
+    return public[start : start + _NAMEPLATE_SIZE] == nameplate.to_bytes(_NAMEPLATE_SIZE, "big")
+
+
+# --- shared machinery -----------------------------------------------------------------------
+
+
+def _send(uid: int, packet: wire.Packet) -> SendFrame:
+    return SendFrame(wire.Frame(uid, packet))
+
+
+class _Machine:
+    """What both roles share: start-once, the terminal state, and the relay's goodbyes."""
+
+    def __init__(self) -> None:
+        self._started = False
+        self._finished = False
+
+    @property
+    def finished(self) -> bool:
+        """True once Paired or Failed was emitted; every later input is ignored."""
+        return self._finished
+
+    def _start(self, hello: wire.Packet) -> list[Event]:
+        if self._started:
+            raise RuntimeError("start() was already called")
+        self._started = True
+        return [_send(wire.RELAY_UID, hello)]
+
+    def _finish(self, event: Paired | Failed) -> list[Event]:
+        self._finished = True
+        return [event]
+
+    def _relay_goodbye(self, frame: wire.Frame) -> list[Event] | None:
+        """Failed for 0f or 09 0000; None when the frame is something else.
+
+        Relay-only packets count only with UID 0000: through bob's relay a peer could
+        otherwise forge a "09 0000" and end our session.
+        """
+        packet = frame.packet
+        if frame.uid != wire.RELAY_UID:
+            return None
+        if isinstance(packet, wire.Timeout):
+            reason = f"{RELAY_CLOSED_REASON} (handshake timeout)"
+            return self._finish(Failed(reason, FailureKind.RELAY_CLOSED))
+        if isinstance(packet, wire.Closed) and packet.peer_uid == wire.RELAY_UID:
+            return self._finish(Failed(RELAY_CLOSED_REASON, FailureKind.RELAY_CLOSED))
+        return None
+
+
+def _from_relay(frame: wire.Frame) -> bool:
+    return frame.uid == wire.RELAY_UID
+
+
+# --- sender ---------------------------------------------------------------------------------
+
+
+@attrs.define
+class _ReceiverSlot:
+    """One receiver we sent a 06 to; ``keys`` is set once its validator (05) checked out."""
+
+    identity: bytes
+    state: spoke.ServerState = attrs.field(repr=False)
+    keys: spoke.SharedKeys | None = attrs.field(default=None, repr=False)
+
+
+class SenderHandshake(_Machine):
+    """The sending peer (spoke's server): publish our public, answer receivers, await 0a.
+
+    Unlike bob it keeps one agreement per receiver instead of one slot (a second receiver
+    cannot overwrite the first) and counts failed handshakes against ``max_attempts``.
+    ``salt`` and ``make_scalar`` exist for test vectors; leave them out.
+    """
+
+    def __init__(
+        self,
+        password: bytes,
+        *,
+        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+        iterations: int | None = None,
+        ciphers: tuple[int, int] = (spoke.CIPHER_AES256_GCM, spoke.CIPHER_AES256_GCM),
+        salt: bytes | None = None,
+        make_scalar: Callable[[], bytes] | None = None,
+    ) -> None:
+        if max_attempts < 1:
+            raise ValueError(f"max_attempts must be at least 1, not {max_attempts}")
+        super().__init__()
+        self.max_attempts = max_attempts
+        self.nameplate = nameplate_of(password)
+        if salt is None:
+            salt = salt_for(self.nameplate)
+        self._secret, self.public = spoke.generate(
+            password,
+            salt=salt,
+            iterations=spoke.DEFAULT_ITERATIONS if iterations is None else iterations,
+            ciphers=ciphers,
+        )
+        self._make_scalar = make_scalar
+        self.identity: bytes | None = None
+        self.attempts_used = 0
+        self._receivers: dict[int, _ReceiverSlot] = {}
+
+    def start(self, now: float) -> list[Event]:
+        """Register with the relay as a sender (packet 00)."""
+        return self._start(wire.HelloServer(self.public.encode()))
+
+    def next_deadline(self) -> float | None:
+        """The sender has no timer of its own; the relay's timeout bounds the wait."""
+        return None
+
+    def tick(self, now: float) -> list[Event]:
+        return []
+
+    def receive(self, frame: wire.Frame, now: float) -> list[Event]:
+        if self.finished:
+            return []
+        goodbye = self._relay_goodbye(frame)
+        if goodbye is not None:
+            return goodbye
+        packet, uid = frame.packet, frame.uid
+        if _from_relay(frame):
+            if isinstance(packet, wire.ServerIdentity):
+                self.identity = packet.identity
+                return [Registered(packet.identity)]
+            if isinstance(packet, wire.Closed):
+                return self._receiver_left(packet.peer_uid)
+            return []
+        if isinstance(packet, wire.XAndClientIdentity):
+            return self._on_x(uid, packet)
+        if isinstance(packet, wire.ClientValidator):
+            return self._on_validator(uid, packet.validator)
+        if isinstance(packet, wire.Accepted):
+            return self._on_accepted(uid)
+        if isinstance(packet, wire.Refused):
+            return self._on_refused(uid)
+        if isinstance(packet, wire.SpokeFailure):
+            return self._on_spoke_failure(uid, packet.code)
+        return []
+
+    def _in_flight(self) -> int:
+        return sum(1 for slot in self._receivers.values() if slot.keys is None)
+
+    def _on_x(self, uid: int, packet: wire.XAndClientIdentity) -> list[Event]:
+        # Before 02 we cannot hash our identity; a repeated 07 would be a second guess on
+        # one handshake. Neither happens with an honest relay and receiver: no answer.
+        if self.identity is None or uid in self._receivers:
+            return []
+        if self.attempts_used + self._in_flight() >= self.max_attempts:
+            return []
+        scalar = None if self._make_scalar is None else self._make_scalar()
+        try:
+            state, body = spoke.server_compute(
+                self._secret,
+                packet.x,
+                client_identity=packet.identity,
+                server_identity=self.identity,
+                scalar=scalar,
+            )
+        except spoke.SpokeError as error:
+            # The receiver got nothing it could test a guess with: not an attempt.
+            return [_send(uid, wire.SpokeFailure(error.code))]
+        self._receivers[uid] = _ReceiverSlot(packet.identity, state)
+        y, validator = body[: spoke.POINT_SIZE], body[spoke.POINT_SIZE :]
+        return [_send(uid, wire.YAndServerValidator(y, validator))]
+
+    def _on_validator(self, uid: int, validator: bytes) -> list[Event]:
+        slot = self._receivers.get(uid)
+        if slot is None or slot.keys is not None:
+            return [_send(wire.RELAY_UID, wire.RelayFailure(b"C", uid))]
+        try:
+            slot.keys = spoke.server_finalize(slot.state, validator)
+        except spoke.SpokeError as error:
+            del self._receivers[uid]
+            events: list[Event] = [_send(uid, wire.SpokeFailure(error.code))]
+            return events + self._spend(slot, "its proof of the code did not match ours")
+        return [
+            _send(uid, wire.Agreement()),
+            Verified(partner_uid=uid, partner_identity=slot.identity),
+        ]
+
+    def _on_accepted(self, uid: int) -> list[Event]:
+        slot = self._receivers.get(uid)
+        if slot is None or slot.keys is None:
+            return [_send(wire.RELAY_UID, wire.RelayFailure(b"H", uid))]
+        return self._finish(
+            Paired(
+                partner_uid=uid,
+                partner_identity=slot.identity,
+                keys=slot.keys,
+                ciphers=slot.keys.ciphers,
+            )
+        )
+
+    def _on_refused(self, uid: int) -> list[Event]:
+        slot = self._receivers.get(uid)
+        if slot is None or slot.keys is None:
+            return [_send(wire.RELAY_UID, wire.RelayFailure(b"H", uid))]
+        del self._receivers[uid]
+        return [Declined(partner_uid=uid, partner_identity=slot.identity)]
+
+    def _on_spoke_failure(self, uid: int, code: int) -> list[Event]:
+        slot = self._receivers.pop(uid, None)
+        if slot is None or slot.keys is not None:
+            return []
+        if code == spoke.FAILURE_BAD_CLIENT_VALIDATOR:
+            return self._spend(slot, "it has a different code")
+        return self._spend(slot, f"it gave up on the handshake (spoke failure {code})")
+
+    def _receiver_left(self, uid: int) -> list[Event]:
+        slot = self._receivers.pop(uid, None)
+        if slot is None or slot.keys is not None:
+            return []
+        return self._spend(slot, "it left in the middle of the handshake")
+
+    def _spend(self, slot: _ReceiverSlot, reason: str) -> list[Event]:
+        self.attempts_used += 1
+        events: list[Event] = [
+            AttemptFailed(
+                reason=reason,
+                partner_identity=slot.identity,
+                attempts_used=self.attempts_used,
+                attempts_allowed=self.max_attempts,
+            )
+        ]
+        if self.attempts_used >= self.max_attempts:
+            plural = "" if self.max_attempts == 1 else "s"
+            events += self._finish(
+                Failed(
+                    f"{self.max_attempts} handshake{plural} failed: the code was mistyped, or "
+                    "someone is guessing it; start again with a new code",
+                    FailureKind.GUESSING_LIMIT,
+                )
+            )
+        return events
+
+
+# --- receiver -------------------------------------------------------------------------------
+
+
+class _Stage(enum.Enum):
+    AWAITING_Y = enum.auto()  # 07 sent, waiting for 06
+    AWAITING_AGREEMENT = enum.auto()  # 05 sent, waiting for 08
+    AWAITING_DECISION = enum.auto()  # Agreed emitted, the driver must accept or refuse
+    ACCEPTED = enum.auto()  # 0a sent, waiting for the relay's 0e
+
+
+@attrs.define
+class _SenderSlot:
+    """One sender we are running a handshake with."""
+
+    identity: bytes
+    public: spoke.Public
+    state: spoke.ClientState | None = attrs.field(repr=False)
+    stage: _Stage = _Stage.AWAITING_Y
+    keys: spoke.SharedKeys | None = attrs.field(default=None, repr=False)
+
+
+class ReceiverHandshake(_Machine):
+    """The receiving peer (spoke's client): answer announced senders, let the driver choose.
+
+    Like bob it runs a handshake with every sender it is told about (minus those with
+    another nameplate) and may see several agreements; it acts on only one: after
+    ``accept``, any later agreement is refused. ``make_scalar`` is for test vectors.
+    """
+
+    def __init__(
+        self,
+        password: bytes,
+        *,
+        grace: float = DEFAULT_GRACE,
+        make_scalar: Callable[[], bytes] | None = None,
+    ) -> None:
+        if grace < 0:
+            raise ValueError(f"grace must not be negative, not {grace}")
+        super().__init__()
+        self._password = password
+        self.grace = grace
+        self.nameplate = nameplate_of(password)
+        self._make_scalar = make_scalar
+        self.identity: bytes | None = None
+        self._senders: dict[int, _SenderSlot] = {}
+        self._accepted: int | None = None
+        self._code_rejected = False
+        self._code_confirmed = False
+        self._deadline: float | None = None
+
+    def start(self, now: float) -> list[Event]:
+        """Register with the relay as a receiver (packet 01)."""
+        return self._start(wire.HelloClient())
+
+    def next_deadline(self) -> float | None:
+        """When ``tick`` must be called: the end of the wrong-code grace period, if running."""
+        return None if self.finished else self._deadline
+
+    def tick(self, now: float) -> list[Event]:
+        if self.finished or self._deadline is None or now < self._deadline:
+            return []
+        return self._finish(
+            Failed(
+                "wrong code: the sender's proof did not match "
+                "(check the code, or ask for a new one)",
+                FailureKind.WRONG_CODE,
+            )
+        )
+
+    def accept(self, uid: int) -> list[Event]:
+        """Take the agreement with ``uid`` (sends 0a) and refuse every other open one.
+
+        Returns [] when ``uid`` is no longer an open agreement (it left meanwhile and an
+        AgreementWithdrawn was emitted), or when another one was already accepted.
+        """
+        slot = self._senders.get(uid)
+        if self.finished or self._accepted is not None or not self._is_open(slot):
+            return []
+        # Refusals go first: a relay pairs us on 0a and may drop whatever we write after it.
+        events: list[Event] = []
+        for other in [u for u, s in self._senders.items() if u != uid and self._is_open(s)]:
+            del self._senders[other]
+            events.append(_send(other, wire.Refused()))
+        slot.stage = _Stage.ACCEPTED
+        self._accepted = uid
+        events.append(_send(uid, wire.Accepted()))
+        return events
+
+    def refuse(self, uid: int) -> list[Event]:
+        """Decline the agreement with ``uid`` (sends 0b) and keep waiting for others.
+
+        Returns [] when ``uid`` is not an open agreement.
+        """
+        if self.finished or not self._is_open(self._senders.get(uid)):
+            return []
+        del self._senders[uid]
+        return [_send(uid, wire.Refused())]
+
+    @staticmethod
+    def _is_open(slot: _SenderSlot | None) -> bool:
+        """An agreement the driver has been told about and not yet answered."""
+        return slot is not None and slot.stage is _Stage.AWAITING_DECISION
+
+    def receive(self, frame: wire.Frame, now: float) -> list[Event]:
+        if self.finished:
+            return []
+        goodbye = self._relay_goodbye(frame)
+        if goodbye is not None:
+            return goodbye
+        packet, uid = frame.packet, frame.uid
+        if _from_relay(frame):
+            if isinstance(packet, wire.ClientIdentity):
+                self.identity = packet.identity
+                return [Registered(packet.identity)]
+            if isinstance(packet, wire.NewServer):
+                return self._on_new_server(packet)
+            if isinstance(packet, wire.Done):
+                return self._on_done()
+            if isinstance(packet, wire.Closed):
+                return self._forget(packet.peer_uid, now)
+            return []
+        if isinstance(packet, wire.YAndServerValidator):
+            return self._on_y(uid, packet, now)
+        if isinstance(packet, wire.Agreement):
+            return self._on_agreement(uid)
+        if isinstance(packet, wire.SpokeFailure):
+            # Code 2 (the sender rejected our validator) can only follow a validator of theirs
+            # that we accepted, so it is not evidence of a wrong code: just forget the sender.
+            return self._forget(uid, now)
+        return []
+
+    def _on_new_server(self, packet: wire.NewServer) -> list[Event]:
+        uid = packet.server_uid
+        # Before 03 we cannot put our identity in 07; after accepting, new senders are moot.
+        if self.identity is None or self._accepted is not None:
+            return []
+        if uid == wire.RELAY_UID or uid in self._senders:
+            return []
+        if self.nameplate is not None and not _salt_matches(packet.public, self.nameplate):
+            return []  # someone else's transfer: do not spend their guesses or our CPU
+        try:
+            public = spoke.Public.decode(packet.public)
+        except spoke.SpokeError as error:
+            return [_send(uid, wire.SpokeFailure(error.code))]
+        scalar = None if self._make_scalar is None else self._make_scalar()
+        state, x = spoke.hello(self._password, public, scalar=scalar)
+        self._senders[uid] = _SenderSlot(packet.identity, public, state)
+        self._deadline = None
+        return [_send(uid, wire.XAndClientIdentity(x, self.identity))]
+
+    def _on_y(self, uid: int, packet: wire.YAndServerValidator, now: float) -> list[Event]:
+        slot = self._senders.get(uid)
+        if slot is None or slot.stage is not _Stage.AWAITING_Y:
+            return [_send(wire.RELAY_UID, wire.RelayFailure(b"S", uid))]
+        assert slot.state is not None and self.identity is not None
+        try:
+            keys, validator = spoke.client_compute(
+                slot.state,
+                packet.y + packet.validator,
+                client_identity=self.identity,
+                server_identity=slot.identity,
+            )
+        except spoke.SpokeError as error:
+            if error.code == spoke.FAILURE_BAD_CLIENT_VALIDATOR:
+                self._code_rejected = True
+            events: list[Event] = [_send(uid, wire.SpokeFailure(error.code))]
+            return events + self._forget(uid, now)
+        slot.state = None
+        slot.keys = keys
+        slot.stage = _Stage.AWAITING_AGREEMENT
+        self._code_confirmed = True
+        return [_send(uid, wire.ClientValidator(validator))]
+
+    def _on_agreement(self, uid: int) -> list[Event]:
+        slot = self._senders.get(uid)
+        if slot is None or slot.stage is not _Stage.AWAITING_AGREEMENT:
+            return [_send(wire.RELAY_UID, wire.RelayFailure(b"H", uid))]
+        if self._accepted is not None:
+            del self._senders[uid]
+            return [_send(uid, wire.Refused())]
+        assert slot.keys is not None
+        slot.stage = _Stage.AWAITING_DECISION
+        return [Agreed(partner_uid=uid, partner_identity=slot.identity, keys=slot.keys)]
+
+    def _on_done(self) -> list[Event]:
+        if self._accepted is None:
+            return [_send(wire.RELAY_UID, wire.RelayFailure(b"N", wire.RELAY_UID))]
+        slot = self._senders[self._accepted]
+        assert slot.keys is not None
+        return self._finish(
+            Paired(
+                partner_uid=self._accepted,
+                partner_identity=slot.identity,
+                keys=slot.keys,
+                ciphers=slot.public.ciphers,
+            )
+        )
+
+    def _forget(self, uid: int, now: float) -> list[Event]:
+        """Drop a sender (it left or failed); start the grace timer if that was the last hope."""
+        slot = self._senders.pop(uid, None)
+        events: list[Event] = []
+        if slot is not None and slot.stage in (_Stage.AWAITING_DECISION, _Stage.ACCEPTED):
+            # With an accepted sender gone before 0e, the relay dropped our 0a: wait again.
+            if self._accepted == uid:
+                self._accepted = None
+            events.append(AgreementWithdrawn(partner_uid=uid, partner_identity=slot.identity))
+        hopeless = self._code_rejected and not self._code_confirmed and not self._senders
+        if hopeless and self._deadline is None:
+            self._deadline = now + self.grace
+        return events
