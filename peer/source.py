@@ -1,0 +1,259 @@
+"""The sender's side of the disk: what to offer, and reading each file exactly once.
+
+`scan` turns the command-line paths into an `Offer` before anything is sent, so every
+problem the user can fix (a typo, an unreadable file, an unsendable name) is reported
+up front. `Selection.open` then streams one file, hashing it as it goes, and notices
+a file that changes while it is being sent.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from typing import Iterable, Mapping
+
+import attrs
+import blake3
+
+from peer.transfer import DIRECTORY, FILE, MAX_OFFER_BYTES, Offer, OfferEntry, format_size, name_problem
+
+__all__ = ["FileReader", "Selection", "SourceError", "scan"]
+
+_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+_NONBLOCK = getattr(os, "O_NONBLOCK", 0)  # never block on a FIFO swapped in after the scan
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_BINARY = getattr(os, "O_BINARY", 0)
+
+
+class SourceError(Exception):
+    """A one-line reason why the selected paths cannot be sent (or stopped being sendable)."""
+
+
+def _reason(exc: OSError) -> str:
+    if exc.errno is None:
+        return str(exc)
+    text = os.strerror(exc.errno)
+    return text[:1].lower() + text[1:]
+
+
+def _kind_of(mode: int) -> str:
+    if stat.S_ISFIFO(mode):
+        return "a named pipe"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    return "not a regular file"
+
+
+@attrs.frozen
+class _Origin:
+    """Where an offered file lives on this machine, and how to name it in messages."""
+
+    path: str
+    display: str
+    follow_symlinks: bool  # only for a symlink the user named on the command line
+
+
+@attrs.frozen
+class Selection:
+    """The result of `scan`: the offer to send, what was left out, and the way back to disk."""
+
+    offer: Offer
+    warnings: tuple[str, ...]
+    origins: Mapping[str, _Origin] = attrs.field(repr=False)
+
+    def open(self, entry: OfferEntry) -> FileReader:
+        """Start reading one offered file (use it as a context manager)."""
+        origin = self.origins[entry.path]
+        return FileReader(origin.path, entry.size, origin.display, follow_symlinks=origin.follow_symlinks)
+
+
+class _Builder:
+    def __init__(self) -> None:
+        self.entries: list[OfferEntry] = []
+        self.origins: dict[str, _Origin] = {}
+        self.warnings: list[str] = []
+
+    def add_directory(self, name: str) -> None:
+        self.entries.append(OfferEntry(DIRECTORY, name))
+
+    def add_file(self, path: str, name: str, display: str, info: os.stat_result, *, follow: bool) -> None:
+        # Open once now so that an unreadable file stops us before the handshake,
+        # not halfway through the transfer.
+        flags = os.O_RDONLY | _CLOEXEC | _NONBLOCK | _BINARY | (0 if follow else _NOFOLLOW)
+        try:
+            os.close(os.open(path, flags))
+        except OSError as exc:
+            raise SourceError(f"cannot read {display}: {_reason(exc)}") from None
+        executable = bool(info.st_mode & stat.S_IXUSR)
+        self.entries.append(OfferEntry(FILE, name, info.st_size, executable))
+        self.origins[name] = _Origin(path, display, follow)
+
+
+def _check_name(name: str, display: str) -> None:
+    problem = name_problem(name)
+    if problem:
+        raise SourceError(f"cannot send {display}: its name {problem}")
+
+
+def scan(paths: Iterable[str | os.PathLike[str]]) -> Selection:
+    """Build the offer for `paths` (files and directories), or raise SourceError.
+
+    Each path is offered under its own name (``photos/`` becomes ``photos/...``).
+    Symbolic links are followed when named on the command line and skipped, with a
+    warning, inside directories (which also rules out loops); FIFOs, sockets and
+    devices inside directories are skipped the same way.
+    """
+    builder = _Builder()
+    top_names: dict[str, str] = {}
+    for given in paths:
+        display = os.fspath(given)
+        absolute = os.path.abspath(display)
+        name = os.path.basename(absolute)
+        if not name:
+            raise SourceError(f"cannot send {display}: it has no name to offer")
+        if name in top_names:
+            raise SourceError(f"cannot send two items named {name!r}: {top_names[name]} and {display}")
+        top_names[name] = display
+        try:
+            info = os.stat(absolute)
+        except FileNotFoundError:
+            if os.path.lexists(absolute):
+                raise SourceError(f"cannot read {display}: it is a broken symbolic link") from None
+            raise SourceError(f"cannot read {display}: no such file or directory") from None
+        except OSError as exc:
+            raise SourceError(f"cannot read {display}: {_reason(exc)}") from None
+        _check_name(name, display)
+        if stat.S_ISDIR(info.st_mode):
+            _walk(builder, absolute, name, display)
+        elif stat.S_ISREG(info.st_mode):
+            builder.add_file(absolute, name, display, info, follow=True)
+        else:
+            raise SourceError(f"cannot send {display}: it is {_kind_of(info.st_mode)}")
+    if not top_names:
+        raise SourceError("nothing to send")
+    try:
+        offer = Offer(builder.entries)
+    except ValueError as exc:
+        raise SourceError(f"cannot send this selection: {exc}") from None
+    size = len(offer.to_json())
+    if size > MAX_OFFER_BYTES:
+        raise SourceError(
+            f"cannot send this selection: its list of {len(offer.entries)} names takes {format_size(size)}, "
+            f"over the {format_size(MAX_OFFER_BYTES)} limit; send fewer files at once"
+        )
+    return Selection(offer, tuple(builder.warnings), builder.origins)
+
+
+def _walk(builder: _Builder, top_path: str, top_name: str, top_display: str) -> None:
+    """Add a directory tree, each directory before what it contains, in name order."""
+    pending = [(top_path, top_name, top_display)]
+    while pending:
+        path, name, display = pending.pop()
+        builder.add_directory(name)
+        try:
+            with os.scandir(path) as listing:
+                children = sorted(listing, key=lambda child: child.name)
+        except OSError as exc:
+            raise SourceError(f"cannot read {display}: {_reason(exc)}") from None
+        subdirectories = []
+        for child in children:
+            child_name = f"{name}/{child.name}"
+            child_display = os.path.join(display, child.name)
+            try:
+                if child.is_symlink():
+                    builder.warnings.append(f"skipped {child_display}: it is a symbolic link")
+                    continue
+                info = child.stat(follow_symlinks=False)
+            except OSError as exc:
+                raise SourceError(f"cannot read {child_display}: {_reason(exc)}") from None
+            if stat.S_ISDIR(info.st_mode):
+                _check_name(child_name, child_display)
+                subdirectories.append((child.path, child_name, child_display))
+            elif stat.S_ISREG(info.st_mode):
+                _check_name(child_name, child_display)
+                builder.add_file(child.path, child_name, child_display, info, follow=False)
+            else:
+                builder.warnings.append(f"skipped {child_display}: it is {_kind_of(info.st_mode)}")
+        pending.extend(reversed(subdirectories))
+
+
+class FileReader:
+    """One offered file being sent: read once, hashed while read, held to its offered size.
+
+    A file that is not the size it was at scan time, that shrinks or grows while it
+    is read, or whose modification time moves, raises SourceError: the receiver would
+    otherwise get a verified copy of something that never existed on disk.
+    """
+
+    def __init__(self, path: str, size: int, display: str, *, follow_symlinks: bool = True) -> None:
+        self.display = display
+        self.size = size
+        flags = os.O_RDONLY | _CLOEXEC | _NONBLOCK | _BINARY | (0 if follow_symlinks else _NOFOLLOW)
+        try:
+            fd = os.open(path, flags)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP and not follow_symlinks:
+                raise SourceError(f"cannot read {display}: it was replaced by a symbolic link") from None
+            raise SourceError(f"cannot read {display}: {_reason(exc)}") from None
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                raise SourceError(f"cannot send {display}: it is no longer a regular file")
+            if info.st_size != size:
+                raise SourceError(f"{display} changed after it was offered: {size} bytes then, {info.st_size} now")
+            if hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._mtime = info.st_mtime_ns
+        self._file = open(fd, "rb", buffering=0)
+        self._hasher = blake3.blake3()
+        self._remaining = size
+
+    def __enter__(self) -> FileReader:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._file.close()
+
+    @property
+    def remaining(self) -> int:
+        return self._remaining
+
+    def readinto(self, buffer: memoryview) -> int:
+        """Fill the start of `buffer` with the next bytes (never past the offered size)."""
+        want = min(len(buffer), self._remaining)
+        if want == 0:
+            return 0
+        target = buffer[:want]
+        try:
+            count = self._file.readinto(target)
+        except OSError as exc:
+            raise SourceError(f"cannot read {self.display}: {_reason(exc)}") from None
+        if not count:
+            raise SourceError(f"{self.display} shrank while it was being sent")
+        self._hasher.update(target[:count])
+        self._remaining -= count
+        return count
+
+    def digest(self) -> bytes:
+        """The blake3 of everything read, once the whole file is read and found unchanged."""
+        if self._remaining:
+            raise RuntimeError(f"{self.display}: {self._remaining} bytes not read yet")
+        try:
+            extra = self._file.read(1)
+            info = os.fstat(self._file.fileno())
+        except OSError as exc:
+            raise SourceError(f"cannot read {self.display}: {_reason(exc)}") from None
+        if extra:
+            raise SourceError(f"{self.display} grew while it was being sent")
+        if info.st_size != self.size or info.st_mtime_ns != self._mtime:
+            raise SourceError(f"{self.display} changed while it was being sent")
+        return self._hasher.digest()

@@ -1,0 +1,1088 @@
+"""Our own data phase: the messages inside the encrypted records, and both state machines.
+
+This layer runs between two peer-relay peers once the secure room is open. It never
+touches a socket or a file: the driver feeds each record plaintext to a session, gets
+an event back, does the disk and network I/O, and asks the session for the next
+outgoing plaintexts. The byte layouts and the reasoning are in ``docs/transfer.md``.
+
+Every record plaintext is exactly one message: a type byte, then its body. The
+receiver speaks first (HELLO) because bob's receiver never speaks at all, which is how
+a sender will tell the two apart. No message type is 0x50 (``P``), so a receiver can
+also tell our first message from the start of bob's ``PACK`` stream.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import json
+import re
+import struct
+from typing import ClassVar, Iterable, Union
+
+import attrs
+
+from peer.records import MAX_RECORD_SIZE
+
+__all__ = [
+    "DIRECTORY",
+    "FILE",
+    "MAX_DATA_SIZE",
+    "PROTOCOL_VERSION",
+    "Accepted",
+    "Ack",
+    "Answer",
+    "Completed",
+    "Data",
+    "Declined",
+    "Done",
+    "Error",
+    "FileData",
+    "FileEnd",
+    "FileFinished",
+    "FileStart",
+    "FileStarted",
+    "Hello",
+    "HelloReceived",
+    "Offer",
+    "OfferEntry",
+    "OfferPart",
+    "OfferReceived",
+    "PeerError",
+    "ProtocolError",
+    "ReceiverSession",
+    "SenderSession",
+    "TransferDone",
+    "TransferError",
+    "decode_message",
+    "format_size",
+    "name_problem",
+    "printable",
+    "shown",
+    "verification_string",
+]
+
+PROTOCOL_VERSION = 1
+"""The highest (and so far only) version of this data phase that we speak."""
+
+MAGIC = b"peer-relay"
+"""Starts every HELLO body, so a stray or foreign first record is recognised as such."""
+
+MAX_DATA_SIZE = MAX_RECORD_SIZE - 1
+"""File bytes per DATA record: a whole record minus the type byte."""
+
+DIGEST_SIZE = 32  # blake3
+MAX_REASON_BYTES = 1024
+MAX_OFFER_BYTES = 64 * 1024 * 1024
+MAX_ENTRIES = 1_000_000
+MAX_FILE_SIZE = 2**63 - 1
+MAX_PATH_BYTES = 4096
+MAX_COMPONENT_BYTES = 255
+MAX_CAPABILITIES = 64
+_CAPABILITY = re.compile(r"[a-z0-9][a-z0-9-]{0,31}")
+
+FILE = "file"
+DIRECTORY = "dir"
+
+# The C0 and C1 control characters, line and paragraph separators, and the Unicode
+# bidirectional controls: nothing a file name needs, and each can hide or reorder what
+# a prompt shows (``invoice\u202efdp.exe`` displays as ``invoiceexe.pdf``).
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069]")
+_DRIVE_LETTER = re.compile(r"[A-Za-z]:")
+
+
+class TransferError(Exception):
+    """Base of this module's errors."""
+
+
+class ProtocolError(TransferError):
+    """The peer sent something this data phase does not allow; the transfer must stop.
+
+    The message is one line meant for the user; send it to the peer with `error()`.
+    """
+
+
+# --- names ---------------------------------------------------------------------------
+
+
+def name_problem(path: str) -> str | None:
+    """Why `path` is unsafe as an offered name, or None when it is acceptable.
+
+    The one rule book for names: offers are parsed with it, the sender scans with it
+    and the destination checks with it again, so a name one side accepts the other
+    side accepts too. A name is a relative POSIX path of plain components; anything
+    that could climb out of the destination, mean something else on Windows, or
+    disguise itself on a terminal is refused on every platform.
+    """
+    if not isinstance(path, str):
+        return "is not a string"
+    if not path:
+        return "is empty"
+    try:
+        encoded = path.encode("utf-8")
+    except UnicodeEncodeError:
+        return "is not valid UTF-8"
+    if len(encoded) > MAX_PATH_BYTES:
+        return f"is longer than {MAX_PATH_BYTES} bytes"
+    bad = _UNPRINTABLE.search(path)
+    if bad:
+        return f"contains the control character U+{ord(bad.group()):04X}"
+    if "\\" in path:
+        return "contains a backslash"
+    if path.startswith("/"):
+        return "is an absolute path"
+    for component in path.split("/"):
+        if not component:
+            return "has an empty component"
+        if component in (".", ".."):
+            return f"contains a {component!r} component"
+        if len(component.encode("utf-8")) > MAX_COMPONENT_BYTES:
+            return f"has a component longer than {MAX_COMPONENT_BYTES} bytes"
+        if _DRIVE_LETTER.match(component):
+            return "looks like a Windows drive letter"
+    return None
+
+
+def printable(text: str) -> str:
+    """`text` with every control character replaced, safe to print on one line.
+
+    For anything a peer chose (error reasons): it must not move the cursor, recolour
+    or fake a line of our own output.
+    """
+    return _UNPRINTABLE.sub("\ufffd", text)
+
+
+def shown(path: object) -> str:
+    """A name from a peer quoted for an error message: escaped, and cut if very long."""
+    text = repr(path)
+    return text if len(text) <= 80 else text[:76] + "...'"
+
+
+def format_size(size: int) -> str:
+    """A byte count for people: ``0 B``, ``999 B``, ``1.5 KiB``, ``3.0 GiB``."""
+    if size < 1024:
+        return f"{size} B"
+    value = float(size)
+    for unit in ("KiB", "MiB", "GiB", "TiB", "PiB"):
+        value /= 1024
+        if value < 1024 or unit == "PiB":
+            break
+    return f"{value:.1f} {unit}"
+
+
+def verification_string(key: bytes) -> str:
+    """A short string both peers print so their users can compare them.
+
+    `key` is sub-key 0 (`SharedKeys.sender_to_receiver`), equal on both sides after a
+    good handshake. The hash is personalised so the string cannot be confused with
+    any other use of the key, and 64 bits reveal nothing useful about its 512.
+    """
+    if len(key) < 32:
+        raise ValueError(f"expected a session sub-key, got {len(key)} bytes")
+    digest = hashlib.blake2b(bytes(key), digest_size=8, person=b"peer-relay:check").hexdigest()
+    return "-".join(digest[i : i + 4] for i in range(0, 16, 4))
+
+
+# --- the offer -----------------------------------------------------------------------
+
+
+@attrs.frozen
+class OfferEntry:
+    """One item of an offer: a file (with its size) or a directory."""
+
+    kind: str
+    path: str
+    size: int = 0
+    executable: bool = False
+
+    @property
+    def is_file(self) -> bool:
+        return self.kind == FILE
+
+    @property
+    def is_directory(self) -> bool:
+        return self.kind == DIRECTORY
+
+
+def _entry_problem(entry: OfferEntry) -> str | None:
+    problem = name_problem(entry.path)
+    if problem:
+        return f"the name {shown(entry.path)} {problem}"
+    if entry.kind == FILE:
+        if type(entry.size) is not int or not 0 <= entry.size <= MAX_FILE_SIZE:
+            return f"{entry.path}: invalid size {entry.size!r}"
+        if type(entry.executable) is not bool:
+            return f"{entry.path}: invalid executable flag {entry.executable!r}"
+    elif entry.kind == DIRECTORY:
+        if entry.size != 0 or entry.executable is not False:
+            return f"{entry.path}: a directory has no size or executable flag"
+    else:
+        return f"{entry.path}: unknown kind {entry.kind!r}"
+    return None
+
+
+@attrs.frozen
+class Offer:
+    """What the sender proposes: entries in sending order, each parent before its children.
+
+    Construction checks every rule (names, sizes, unique paths, parents declared
+    first), so any Offer in hand is safe to plan from. Violations raise ValueError.
+    """
+
+    entries: tuple[OfferEntry, ...] = attrs.field(converter=tuple)
+    file_count: int = attrs.field(init=False)
+    total_bytes: int = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        if not self.entries:
+            raise ValueError("the offer is empty")
+        if len(self.entries) > MAX_ENTRIES:
+            raise ValueError(f"the offer has over {MAX_ENTRIES} entries")
+        directories: set[str] = set()
+        seen: set[str] = set()
+        files = 0
+        total = 0
+        for entry in self.entries:
+            if not isinstance(entry, OfferEntry):
+                raise ValueError(f"not an offer entry: {entry!r}")
+            problem = _entry_problem(entry)
+            if problem:
+                raise ValueError(problem)
+            if entry.path in seen:
+                raise ValueError(f"{entry.path} is offered twice")
+            seen.add(entry.path)
+            parent, slash, _ = entry.path.rpartition("/")
+            if slash and parent not in directories:
+                # Also rules out a file being used as a directory ("a" and "a/b").
+                raise ValueError(f"{entry.path} comes before (or without) its directory {parent}")
+            if entry.is_directory:
+                directories.add(entry.path)
+            else:
+                files += 1
+                total += entry.size
+        object.__setattr__(self, "file_count", files)
+        object.__setattr__(self, "total_bytes", total)
+
+    @property
+    def files(self) -> list[OfferEntry]:
+        return [entry for entry in self.entries if entry.is_file]
+
+    @property
+    def top_level(self) -> list[OfferEntry]:
+        """The items the sender named on its command line."""
+        return [entry for entry in self.entries if "/" not in entry.path]
+
+    def summary(self) -> str:
+        """One line for the receiver's prompt, e.g. ``photos/ (12 files, 3.1 MiB)``."""
+        tops = self.top_level
+        names = [entry.path + ("/" if entry.is_directory else "") for entry in tops[:3]]
+        if len(tops) > 3:
+            names.append(f"and {len(tops) - 3} more")
+        size = format_size(self.total_bytes)
+        if len(tops) == 1 and tops[0].is_file:
+            return f"{names[0]} ({size})"
+        plural = "" if self.file_count == 1 else "s"
+        listing = ", ".join(names)
+        if len(tops) > 1:
+            listing = f"{len(tops)} items: {listing}"
+        return f"{listing} ({self.file_count} file{plural}, {size})"
+
+    def to_json(self, *, version: int = PROTOCOL_VERSION, features: Iterable[str] = ()) -> bytes:
+        """The OFFER document (docs/transfer.md), compact UTF-8 JSON."""
+        entries = []
+        for entry in self.entries:
+            if entry.is_file:
+                entries.append(
+                    {"kind": FILE, "path": entry.path, "size": entry.size, "executable": entry.executable}
+                )
+            else:
+                entries.append({"kind": DIRECTORY, "path": entry.path})
+        document = {
+            "version": version,
+            "features": sorted(features),
+            "file_count": self.file_count,
+            "total_bytes": self.total_bytes,
+            "entries": entries,
+        }
+        return json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+    @classmethod
+    def from_json(cls, data: bytes) -> tuple[Offer, int, frozenset[str]]:
+        """Parse an OFFER document: (offer, version, features). Raises ProtocolError.
+
+        Unknown keys are ignored so that later versions can add information; anything
+        that changes meaning bumps the version instead.
+        """
+        try:
+            document = json.loads(bytes(data).decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+            raise ProtocolError(f"the offer is not valid JSON: {exc.__class__.__name__}") from None
+        if not isinstance(document, dict):
+            raise ProtocolError("the offer is not a JSON object")
+        version = document.get("version")
+        if type(version) is not int:
+            raise ProtocolError("the offer has no version")
+        features = document.get("features", [])
+        if not isinstance(features, list) or not all(
+            isinstance(f, str) and _CAPABILITY.fullmatch(f) for f in features
+        ):
+            raise ProtocolError("the offer's feature list is malformed")
+        raw_entries = document.get("entries")
+        if not isinstance(raw_entries, list):
+            raise ProtocolError("the offer has no entry list")
+        entries = []
+        for raw in raw_entries:
+            if not isinstance(raw, dict):
+                raise ProtocolError("an offer entry is not a JSON object")
+            kind = raw.get("kind")
+            path = raw.get("path")
+            if kind == FILE:
+                entry = OfferEntry(FILE, path, raw.get("size"), raw.get("executable", False))
+            elif kind == DIRECTORY:
+                entry = OfferEntry(DIRECTORY, path)
+            else:
+                raise ProtocolError(f"an offer entry has an unknown kind {printable(str(kind))!r}")
+            entries.append(entry)
+        try:
+            offer = cls(entries)
+        except ValueError as exc:
+            raise ProtocolError(f"invalid offer: {exc}") from None
+        if document.get("file_count") != offer.file_count or document.get("total_bytes") != offer.total_bytes:
+            raise ProtocolError("the offer's totals do not match its entries")
+        return offer, version, frozenset(features)
+
+
+# --- messages ------------------------------------------------------------------------
+
+_U32 = struct.Struct(">I")
+_U64 = struct.Struct(">Q")
+_FILE_START = struct.Struct(">IQ")
+_RESUME_POINT = struct.Struct(">IQ")
+_ACK = struct.Struct(">QQ")
+_HELLO_HEAD = struct.Struct(f">{len(MAGIC)}sHB")
+
+_DECLINE = 0
+_ACCEPT = 1
+_OFFER_MORE = 0x01
+
+
+def _reason_bytes(reason: str) -> bytes:
+    """UTF-8, cut at a character boundary to fit MAX_REASON_BYTES."""
+    return reason.encode("utf-8")[:MAX_REASON_BYTES].decode("utf-8", "ignore").encode("utf-8")
+
+
+def _reason_text(body: bytes | memoryview) -> str:
+    if len(body) > MAX_REASON_BYTES:
+        raise ProtocolError(f"reason is {len(body)} bytes, over {MAX_REASON_BYTES}")
+    return printable(bytes(body).decode("utf-8", "replace"))
+
+
+@attrs.frozen
+class Hello:
+    """r→s, first message: who we are, the highest version and the optional features."""
+
+    TYPE: ClassVar[int] = 0x01
+    version: int = PROTOCOL_VERSION
+    capabilities: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+
+    def encode(self) -> bytes:
+        if len(self.capabilities) > MAX_CAPABILITIES:
+            raise ValueError("too many capabilities")
+        parts = [bytes([self.TYPE]), _HELLO_HEAD.pack(MAGIC, self.version, len(self.capabilities))]
+        for name in self.capabilities:
+            if not _CAPABILITY.fullmatch(name):
+                raise ValueError(f"invalid capability name {name!r}")
+            parts.append(bytes([len(name)]) + name.encode("ascii"))
+        return b"".join(parts)
+
+    @classmethod
+    def decode(cls, body: memoryview) -> Hello:
+        if len(body) < _HELLO_HEAD.size:
+            raise ProtocolError("hello is too short")
+        magic, version, count = _HELLO_HEAD.unpack_from(body)
+        if magic != MAGIC:
+            raise ProtocolError("hello does not start with the peer-relay magic")
+        offset = _HELLO_HEAD.size
+        capabilities = []
+        for _ in range(count):
+            if offset >= len(body):
+                raise ProtocolError("hello is cut inside its capability list")
+            size = body[offset]
+            name = bytes(body[offset + 1 : offset + 1 + size])
+            offset += 1 + size
+            if len(name) != size:
+                raise ProtocolError("hello is cut inside a capability name")
+            text = name.decode("ascii", "replace")
+            if not _CAPABILITY.fullmatch(text):
+                raise ProtocolError(f"hello has an invalid capability name {printable(text)!r}")
+            capabilities.append(text)
+        if offset != len(body):
+            raise ProtocolError("hello has trailing bytes")
+        return cls(version, capabilities)
+
+
+@attrs.frozen
+class OfferPart:
+    """s→r: a piece of the OFFER JSON; `more` says another piece follows."""
+
+    TYPE: ClassVar[int] = 0x02
+    more: bool
+    chunk: bytes = attrs.field(converter=bytes)
+
+    def encode(self) -> bytes:
+        if not 1 <= len(self.chunk) <= MAX_RECORD_SIZE - 2:
+            raise ValueError("an offer piece must hold 1..32765 bytes")
+        return bytes([self.TYPE, _OFFER_MORE if self.more else 0]) + self.chunk
+
+    @classmethod
+    def decode(cls, body: memoryview) -> OfferPart:
+        if len(body) < 2:
+            raise ProtocolError("offer piece is empty")
+        flags = body[0]
+        if flags & ~_OFFER_MORE:
+            raise ProtocolError(f"offer piece has unknown flags {flags:#04x}")
+        return cls(bool(flags & _OFFER_MORE), body[1:])
+
+
+@attrs.frozen
+class Answer:
+    """r→s: accept (optionally with per-file resume points) or decline with a reason.
+
+    Resume points are `(file entry index, byte offset)` pairs; this version never
+    sends any, and refuses them unless a future "resume" feature was negotiated.
+    """
+
+    TYPE: ClassVar[int] = 0x03
+    accepted: bool
+    reason: str = ""
+    resume_points: tuple[tuple[int, int], ...] = attrs.field(default=(), converter=tuple)
+
+    def encode(self) -> bytes:
+        if not self.accepted:
+            if self.resume_points:
+                raise ValueError("a decline has no resume points")
+            return bytes([self.TYPE, _DECLINE]) + _reason_bytes(self.reason)
+        if self.reason:
+            raise ValueError("an acceptance has no reason")
+        points = b"".join(_RESUME_POINT.pack(index, offset) for index, offset in self.resume_points)
+        return bytes([self.TYPE, _ACCEPT]) + _U32.pack(len(self.resume_points)) + points
+
+    @classmethod
+    def decode(cls, body: memoryview) -> Answer:
+        if len(body) < 1:
+            raise ProtocolError("answer is empty")
+        decision = body[0]
+        if decision == _DECLINE:
+            return cls(False, _reason_text(body[1:]))
+        if decision != _ACCEPT:
+            raise ProtocolError(f"answer has an unknown decision {decision}")
+        if len(body) < 1 + _U32.size:
+            raise ProtocolError("acceptance is too short")
+        (count,) = _U32.unpack_from(body, 1)
+        if len(body) != 1 + _U32.size + count * _RESUME_POINT.size:
+            raise ProtocolError("acceptance length does not match its resume point count")
+        points = [_RESUME_POINT.unpack_from(body, 5 + i * _RESUME_POINT.size) for i in range(count)]
+        return cls(True, "", points)
+
+
+@attrs.frozen
+class FileStart:
+    """s→r: the bytes of offer entry `index` follow, starting at `offset` (0 for now)."""
+
+    TYPE: ClassVar[int] = 0x04
+    index: int
+    offset: int = 0
+
+    def encode(self) -> bytes:
+        return bytes([self.TYPE]) + _FILE_START.pack(self.index, self.offset)
+
+    @classmethod
+    def decode(cls, body: memoryview) -> FileStart:
+        if len(body) != _FILE_START.size:
+            raise ProtocolError(f"file start is {len(body)} bytes, expected {_FILE_START.size}")
+        return cls(*_FILE_START.unpack(body))
+
+
+@attrs.frozen
+class Data:
+    """s→r: raw bytes of the current file (1..32766 per record).
+
+    Senders should build these with `SenderSession.data_buffer` instead, which avoids
+    copying; `encode` exists for tests and tools.
+    """
+
+    TYPE: ClassVar[int] = 0x05
+    data: bytes | memoryview
+
+    def encode(self) -> bytes:
+        if not 1 <= len(self.data) <= MAX_DATA_SIZE:
+            raise ValueError(f"a data message carries 1..{MAX_DATA_SIZE} bytes")
+        return bytes([self.TYPE]) + bytes(self.data)
+
+    @classmethod
+    def decode(cls, body: memoryview) -> Data:
+        if len(body) == 0:
+            raise ProtocolError("data message is empty")
+        return cls(body)
+
+
+@attrs.frozen
+class FileEnd:
+    """s→r: the current file is complete; `digest` is its blake3 over every byte sent."""
+
+    TYPE: ClassVar[int] = 0x06
+    digest: bytes = attrs.field(converter=bytes)
+
+    def encode(self) -> bytes:
+        if len(self.digest) != DIGEST_SIZE:
+            raise ValueError(f"digest must be {DIGEST_SIZE} bytes")
+        return bytes([self.TYPE]) + self.digest
+
+    @classmethod
+    def decode(cls, body: memoryview) -> FileEnd:
+        if len(body) != DIGEST_SIZE:
+            raise ProtocolError(f"file end is {len(body)} bytes, expected {DIGEST_SIZE}")
+        return cls(body)
+
+
+@attrs.frozen
+class Done:
+    """s→r: every offered file has been sent."""
+
+    TYPE: ClassVar[int] = 0x07
+
+    def encode(self) -> bytes:
+        return bytes([self.TYPE])
+
+    @classmethod
+    def decode(cls, body: memoryview) -> Done:
+        if len(body):
+            raise ProtocolError("done has a body")
+        return cls()
+
+
+@attrs.frozen
+class Ack:
+    """r→s: everything is verified and in place; the counts let the sender cross-check."""
+
+    TYPE: ClassVar[int] = 0x08
+    file_count: int
+    total_bytes: int
+
+    def encode(self) -> bytes:
+        return bytes([self.TYPE]) + _ACK.pack(self.file_count, self.total_bytes)
+
+    @classmethod
+    def decode(cls, body: memoryview) -> Ack:
+        if len(body) != _ACK.size:
+            raise ProtocolError(f"ack is {len(body)} bytes, expected {_ACK.size}")
+        return cls(*_ACK.unpack(body))
+
+
+@attrs.frozen
+class Error:
+    """Either way: the transfer is over, for this one-line reason; the sender then closes."""
+
+    TYPE: ClassVar[int] = 0x09
+    reason: str
+
+    def encode(self) -> bytes:
+        return bytes([self.TYPE]) + _reason_bytes(self.reason)
+
+    @classmethod
+    def decode(cls, body: memoryview) -> Error:
+        return cls(_reason_text(body))
+
+
+Message = Union[Hello, OfferPart, Answer, FileStart, Data, FileEnd, Done, Ack, Error]
+_MESSAGE_TYPES = {cls.TYPE: cls for cls in (Hello, OfferPart, Answer, FileStart, Data, FileEnd, Done, Ack, Error)}
+_NAMES = {
+    Hello: "hello",
+    OfferPart: "offer",
+    Answer: "answer",
+    FileStart: "file start",
+    Data: "data",
+    FileEnd: "file end",
+    Done: "done",
+    Ack: "ack",
+    Error: "error",
+}
+
+
+def decode_message(plaintext: bytes | bytearray | memoryview) -> Message:
+    """Parse one record plaintext. Raises ProtocolError, and nothing else, on bad input.
+
+    A Data message's `data` is a view into `plaintext`, not a copy.
+    """
+    view = memoryview(plaintext)
+    if view.ndim != 1 or view.itemsize != 1:
+        view = view.cast("B")
+    if not 1 <= len(view) <= MAX_RECORD_SIZE:
+        raise ProtocolError(f"message of {len(view)} bytes (must be 1..{MAX_RECORD_SIZE})")
+    kind = _MESSAGE_TYPES.get(view[0])
+    if kind is None:
+        if bytes(view[:4]) == b"PACK":
+            raise ProtocolError("the peer sends bob's PACK stream, not peer-relay messages")
+        raise ProtocolError(f"unknown message type {view[0]:#04x}")
+    return kind.decode(view[1:])
+
+
+# --- events --------------------------------------------------------------------------
+
+
+@attrs.frozen
+class HelloReceived:
+    """Sender side: the receiver is a peer-relay peer; call `offer_messages()` next."""
+
+    version: int
+    capabilities: frozenset[str]
+
+
+@attrs.frozen
+class Accepted:
+    """Sender side: the receiver accepted; start sending files."""
+
+
+@attrs.frozen
+class Declined:
+    """Sender side: the receiver said no (`reason` may be empty). The session is over."""
+
+    reason: str
+
+
+@attrs.frozen
+class Completed:
+    """Sender side: the receiver confirmed every file and byte. Exit 0 after this only."""
+
+    file_count: int
+    total_bytes: int
+
+
+@attrs.frozen
+class OfferReceived:
+    """Receiver side: show the offer, plan the destination, then `accept()` or `decline()`."""
+
+    offer: Offer
+
+
+@attrs.frozen
+class FileStarted:
+    """Receiver side: bytes of `entry` follow; open its temporary file."""
+
+    entry: OfferEntry
+
+
+@attrs.frozen
+class FileData:
+    """Receiver side: the next bytes of the current file, a view valid until the next record."""
+
+    entry: OfferEntry
+    data: memoryview
+
+
+@attrs.frozen
+class FileFinished:
+    """Receiver side: the file is complete; verify it against `digest` and commit it."""
+
+    entry: OfferEntry
+    digest: bytes
+
+
+@attrs.frozen
+class TransferDone:
+    """Receiver side: everything was sent; after every commit succeeded, `acknowledge()`."""
+
+    file_count: int
+    total_bytes: int
+
+
+@attrs.frozen
+class PeerError:
+    """Either side: the peer gave up, for this (printable, one-line) reason."""
+
+    reason: str
+
+
+SenderEvent = Union[HelloReceived, Accepted, Declined, Completed, PeerError]
+ReceiverEvent = Union[OfferReceived, FileStarted, FileData, FileFinished, TransferDone, PeerError]
+
+
+# --- state machines ------------------------------------------------------------------
+
+
+class _Sender(enum.Enum):
+    WAIT_HELLO = "waiting for the receiver's hello"
+    HELLO_RECEIVED = "about to send the offer"
+    WAIT_ANSWER = "waiting for the receiver's answer"
+    SENDING = "between files"
+    IN_FILE = "inside a file"
+    WAIT_ACK = "waiting for the receiver's acknowledgement"
+    FINISHED = "finished"
+    DECLINED = "declined"
+    FAILED = "failed"
+
+
+class _Receiver(enum.Enum):
+    NEW = "not started"
+    WAIT_OFFER = "waiting for the offer"
+    DECIDING = "deciding on the offer"
+    RECEIVING = "between files"
+    IN_FILE = "inside a file"
+    DONE_RECEIVED = "about to acknowledge"
+    FINISHED = "finished"
+    DECLINED = "declined"
+    FAILED = "failed"
+
+
+def _check_features(features: Iterable[str]) -> frozenset[str]:
+    result = frozenset(features)
+    for name in result:
+        if not isinstance(name, str) or not _CAPABILITY.fullmatch(name):
+            raise ValueError(f"invalid feature name {name!r}")
+    return result
+
+
+class SenderSession:
+    """The sender's half of the data phase.
+
+    Order of calls for the driver::
+
+        receive(hello) -> HelloReceived;  send each of offer_messages()
+        receive(answer) -> Accepted | Declined
+        while (entry := next_file()) is not None:
+            send(begin_file(entry))
+            while file_remaining:
+                count = source.readinto(data_buffer())
+                send(data_message(count))        # a view: seal it before reading again
+            send(end_file(source_digest))
+        send(done());  receive(ack) -> Completed
+
+    `receive` may also return PeerError at any time (run it concurrently while
+    sending); after that, or after `error()`, the session is over. Bad input raises
+    ProtocolError; calls out of order raise RuntimeError (a driver bug).
+    """
+
+    def __init__(self, offer: Offer, *, features: Iterable[str] = ()) -> None:
+        self.offer = offer
+        self._supported = _check_features(features)
+        self.features: frozenset[str] = frozenset()
+        """What both sides agreed to use, known once the hello has arrived."""
+        self.version = PROTOCOL_VERSION
+        self._state = _Sender.WAIT_HELLO
+        self._failure: ProtocolError | None = None
+        self._file_indices = [i for i, entry in enumerate(offer.entries) if entry.is_file]
+        self._next_position = 0
+        self._current: OfferEntry | None = None
+        self._remaining = 0
+        # One record-sized buffer reused for every DATA message: the file is read
+        # straight into it after the type byte, and the sealer reads it from there.
+        self._buffer = bytearray(MAX_RECORD_SIZE)
+        self._buffer[0] = Data.TYPE
+        self._view = memoryview(self._buffer)
+
+    @property
+    def finished(self) -> bool:
+        """True when the session can do nothing more (completed, declined or failed)."""
+        return self._state in (_Sender.FINISHED, _Sender.DECLINED, _Sender.FAILED)
+
+    @property
+    def succeeded(self) -> bool:
+        """True only after the receiver's ACK matched what was sent."""
+        return self._state is _Sender.FINISHED
+
+    def _expect(self, *states: _Sender) -> None:
+        if self._state not in states:
+            raise RuntimeError(f"not allowed while the sender session is {self._state.value}")
+
+    def receive(self, plaintext: bytes | memoryview) -> SenderEvent:
+        """Handle one record from the receiver."""
+        if self._failure is not None:
+            raise self._failure
+        if self.finished:
+            raise self._fail("the receiver sent a message after the transfer ended")
+        try:
+            message = decode_message(plaintext)
+        except ProtocolError as exc:
+            if self._state is _Sender.WAIT_HELLO:
+                raise self._fail(f"the receiver is not a peer-relay peer ({exc})") from None
+            raise self._fail(str(exc)) from None
+        if isinstance(message, Error):
+            self._state = _Sender.FAILED
+            return PeerError(message.reason)
+        state = self._state
+        if state is _Sender.WAIT_HELLO and isinstance(message, Hello):
+            return self._on_hello(message)
+        if state is _Sender.WAIT_ANSWER and isinstance(message, Answer):
+            return self._on_answer(message)
+        if state is _Sender.WAIT_ACK and isinstance(message, Ack):
+            return self._on_ack(message)
+        raise self._fail(f"the receiver sent {_NAMES[type(message)]} while the sender was {state.value}")
+
+    def _fail(self, reason: str) -> ProtocolError:
+        self._state = _Sender.FAILED
+        self._failure = ProtocolError(reason)
+        return self._failure
+
+    def _on_hello(self, hello: Hello) -> HelloReceived:
+        if hello.version < 1:
+            raise self._fail(f"the receiver speaks version {hello.version}, this sender needs 1")
+        self.version = min(hello.version, PROTOCOL_VERSION)
+        self.features = self._supported & frozenset(hello.capabilities)
+        self._state = _Sender.HELLO_RECEIVED
+        return HelloReceived(hello.version, frozenset(hello.capabilities))
+
+    def _on_answer(self, answer: Answer) -> Accepted | Declined:
+        if not answer.accepted:
+            self._state = _Sender.DECLINED
+            return Declined(answer.reason)
+        if answer.resume_points:
+            raise self._fail("the receiver asked to resume files, which was not negotiated")
+        self._state = _Sender.SENDING
+        return Accepted()
+
+    def _on_ack(self, ack: Ack) -> Completed:
+        if (ack.file_count, ack.total_bytes) != (self.offer.file_count, self.offer.total_bytes):
+            raise self._fail(
+                f"the receiver confirmed {ack.file_count} files and {ack.total_bytes} bytes, "
+                f"but {self.offer.file_count} files and {self.offer.total_bytes} bytes were sent"
+            )
+        self._state = _Sender.FINISHED
+        return Completed(ack.file_count, ack.total_bytes)
+
+    def offer_messages(self) -> list[bytes]:
+        """The OFFER records, after the hello: as many as the JSON needs."""
+        self._expect(_Sender.HELLO_RECEIVED)
+        document = self.offer.to_json(version=self.version, features=self.features)
+        if len(document) > MAX_OFFER_BYTES:
+            raise TransferError(
+                f"the offer is {format_size(len(document))}, over the {format_size(MAX_OFFER_BYTES)} limit; "
+                "send fewer files at once"
+            )
+        step = MAX_RECORD_SIZE - 2
+        pieces = [document[i : i + step] for i in range(0, len(document), step)]
+        self._state = _Sender.WAIT_ANSWER
+        return [OfferPart(i < len(pieces) - 1, piece).encode() for i, piece in enumerate(pieces)]
+
+    def next_file(self) -> OfferEntry | None:
+        """The next file entry to send, or None when all are sent (then call `done()`)."""
+        self._expect(_Sender.SENDING)
+        if self._next_position == len(self._file_indices):
+            return None
+        return self.offer.entries[self._file_indices[self._next_position]]
+
+    def begin_file(self, entry: OfferEntry) -> bytes:
+        """The FILE message for `entry`, which must be `next_file()`."""
+        if entry != self.next_file():
+            raise RuntimeError(f"{entry.path} is not the next file to send")
+        index = self._file_indices[self._next_position]
+        self._current = entry
+        self._remaining = entry.size
+        self._state = _Sender.IN_FILE
+        return FileStart(index, 0).encode()
+
+    @property
+    def file_remaining(self) -> int:
+        """Bytes of the current file still to send."""
+        return self._remaining if self._state is _Sender.IN_FILE else 0
+
+    def data_buffer(self) -> memoryview:
+        """Where to read the next piece of the current file (at most its remaining size)."""
+        self._expect(_Sender.IN_FILE)
+        return self._view[1 : 1 + min(MAX_DATA_SIZE, self._remaining)]
+
+    def data_message(self, count: int) -> memoryview:
+        """The DATA message for the `count` bytes just read into `data_buffer()`.
+
+        The result shares the buffer: seal or copy it before the next `data_buffer()`.
+        """
+        self._expect(_Sender.IN_FILE)
+        if not 1 <= count <= min(MAX_DATA_SIZE, self._remaining):
+            raise ValueError(f"{count} bytes do not fit the data buffer ({self._remaining} remaining)")
+        self._remaining -= count
+        return self._view[: 1 + count]
+
+    def end_file(self, digest: bytes) -> bytes:
+        """The FILE_END message, once every byte of the file is sent."""
+        self._expect(_Sender.IN_FILE)
+        if self._remaining:
+            raise RuntimeError(f"{self._current.path}: {self._remaining} bytes not sent yet")
+        message = FileEnd(digest).encode()
+        self._current = None
+        self._next_position += 1
+        self._state = _Sender.SENDING
+        return message
+
+    def done(self) -> bytes:
+        """The DONE message, after the last file; then wait for the ACK."""
+        if self.next_file() is not None:
+            raise RuntimeError("files are left to send")
+        self._state = _Sender.WAIT_ACK
+        return Done().encode()
+
+    def error(self, reason: str) -> bytes:
+        """An ERROR message telling the receiver why we stop; the session is over."""
+        self._state = _Sender.FAILED
+        return Error(reason).encode()
+
+
+class ReceiverSession:
+    """The receiver's half of the data phase.
+
+    Order of calls for the driver::
+
+        send(hello())
+        receive(...) -> None (more offer pieces) ... -> OfferReceived
+        send(accept())   or   send(decline(reason)) and stop
+        receive(...) -> FileStarted | FileData | FileFinished, per file, then TransferDone
+        send(acknowledge())   # only once every file is committed
+
+    `receive` returns PeerError if the sender gives up. Anything the sender does wrong
+    (order, sizes, malformed messages) raises ProtocolError, the only exception bad
+    input can cause; send `error(str(exc))` and stop. Calls out of order raise
+    RuntimeError (a driver bug).
+    """
+
+    def __init__(self, *, features: Iterable[str] = ()) -> None:
+        self._supported = _check_features(features)
+        self.features: frozenset[str] = frozenset()
+        """What the sender chose to use, known once the offer has arrived."""
+        self.offer: Offer | None = None
+        self._state = _Receiver.NEW
+        self._failure: ProtocolError | None = None
+        self._offer_buffer = bytearray()
+        self._file_indices: list[int] = []
+        self._next_position = 0
+        self._current: OfferEntry | None = None
+        self._remaining = 0
+
+    @property
+    def finished(self) -> bool:
+        """True when the session can do nothing more (acknowledged, declined or failed)."""
+        return self._state in (_Receiver.FINISHED, _Receiver.DECLINED, _Receiver.FAILED)
+
+    def _expect(self, *states: _Receiver) -> None:
+        if self._state not in states:
+            raise RuntimeError(f"not allowed while the receiver session is {self._state.value}")
+
+    def _fail(self, reason: str) -> ProtocolError:
+        self._state = _Receiver.FAILED
+        self._failure = ProtocolError(reason)
+        return self._failure
+
+    def hello(self) -> bytes:
+        """Our first message, sent as soon as the secure room opens."""
+        self._expect(_Receiver.NEW)
+        self._state = _Receiver.WAIT_OFFER
+        return Hello(PROTOCOL_VERSION, sorted(self._supported)).encode()
+
+    def receive(self, plaintext: bytes | memoryview) -> ReceiverEvent | None:
+        """Handle one record from the sender; None means "nothing to do yet"."""
+        if self._failure is not None:
+            raise self._failure
+        if self._state is _Receiver.NEW:
+            raise RuntimeError("send hello() before receiving")
+        if self.finished:
+            raise self._fail("the sender sent a message after the transfer ended")
+        try:
+            message = decode_message(plaintext)
+        except ProtocolError as exc:
+            raise self._fail(str(exc)) from None
+        if isinstance(message, Error):
+            self._state = _Receiver.FAILED
+            return PeerError(message.reason)
+        state = self._state
+        if state is _Receiver.WAIT_OFFER and isinstance(message, OfferPart):
+            return self._on_offer_part(message)
+        if state is _Receiver.RECEIVING and isinstance(message, FileStart):
+            return self._on_file_start(message)
+        if state is _Receiver.RECEIVING and isinstance(message, Done):
+            return self._on_done()
+        if state is _Receiver.IN_FILE and isinstance(message, Data):
+            return self._on_data(message)
+        if state is _Receiver.IN_FILE and isinstance(message, FileEnd):
+            return self._on_file_end(message)
+        raise self._fail(f"the sender sent {_NAMES[type(message)]} while the receiver was {state.value}")
+
+    def _on_offer_part(self, part: OfferPart) -> OfferReceived | None:
+        if len(self._offer_buffer) + len(part.chunk) > MAX_OFFER_BYTES:
+            raise self._fail(f"the offer is larger than {format_size(MAX_OFFER_BYTES)}")
+        self._offer_buffer += part.chunk
+        if part.more:
+            return None
+        try:
+            offer, version, features = Offer.from_json(self._offer_buffer)
+        except ProtocolError as exc:
+            raise self._fail(str(exc)) from None
+        self._offer_buffer = bytearray()
+        if version != PROTOCOL_VERSION:
+            raise self._fail(f"the sender uses version {version}, this receiver speaks {PROTOCOL_VERSION}")
+        if not features <= self._supported:
+            unknown = ", ".join(sorted(features - self._supported))
+            raise self._fail(f"the sender uses features this receiver did not offer: {unknown}")
+        self.offer = offer
+        self.features = features
+        self._file_indices = [i for i, entry in enumerate(offer.entries) if entry.is_file]
+        self._state = _Receiver.DECIDING
+        return OfferReceived(offer)
+
+    def _on_file_start(self, start: FileStart) -> FileStarted:
+        if self._next_position == len(self._file_indices):
+            raise self._fail("the sender started a file after the last offered one")
+        expected = self._file_indices[self._next_position]
+        if start.index != expected:
+            raise self._fail(f"the sender started entry {start.index}, expected entry {expected}")
+        if start.offset != 0:
+            raise self._fail("the sender resumed a file, which was not negotiated")
+        self._current = self.offer.entries[expected]
+        self._remaining = self._current.size
+        self._state = _Receiver.IN_FILE
+        return FileStarted(self._current)
+
+    def _on_data(self, data: Data) -> FileData:
+        if len(data.data) > self._remaining:
+            raise self._fail(f"{self._current.path}: the sender sent more bytes than offered")
+        self._remaining -= len(data.data)
+        return FileData(self._current, data.data)
+
+    def _on_file_end(self, end: FileEnd) -> FileFinished:
+        entry = self._current
+        if self._remaining:
+            raise self._fail(
+                f"{entry.path}: the sender ended the file after {entry.size - self._remaining} "
+                f"of {entry.size} bytes"
+            )
+        self._current = None
+        self._next_position += 1
+        self._state = _Receiver.RECEIVING
+        return FileFinished(entry, end.digest)
+
+    def _on_done(self) -> TransferDone:
+        if self._next_position != len(self._file_indices):
+            raise self._fail(
+                f"the sender finished after {self._next_position} of {len(self._file_indices)} files"
+            )
+        self._state = _Receiver.DONE_RECEIVED
+        return TransferDone(self.offer.file_count, self.offer.total_bytes)
+
+    def accept(self) -> bytes:
+        """ANSWER accepting the offer (after planning the destination)."""
+        self._expect(_Receiver.DECIDING)
+        self._state = _Receiver.RECEIVING
+        return Answer(True).encode()
+
+    def decline(self, reason: str = "") -> bytes:
+        """ANSWER declining the offer; the session is over."""
+        self._expect(_Receiver.DECIDING)
+        self._state = _Receiver.DECLINED
+        return Answer(False, reason).encode()
+
+    def acknowledge(self) -> bytes:
+        """The ACK: call it only once every file is verified and renamed into place."""
+        self._expect(_Receiver.DONE_RECEIVED)
+        self._state = _Receiver.FINISHED
+        return Ack(self.offer.file_count, self.offer.total_bytes).encode()
+
+    def error(self, reason: str) -> bytes:
+        """An ERROR message telling the sender why we stop; the session is over."""
+        self._state = _Receiver.FAILED
+        return Error(reason).encode()

@@ -1,0 +1,282 @@
+"""Receiver safety: hostile names, symlink escapes, no overwrite, temporary files, verification."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import stat
+from collections import namedtuple
+from pathlib import Path
+
+import blake3
+import pytest
+
+from peer import destination as destination_module
+from peer.destination import PART_SUFFIX, Destination, DestinationError, IntegrityError
+from peer.transfer import DIRECTORY, FILE, Offer, OfferEntry, ProtocolError
+
+HOSTILE = ["../x", "/etc/passwd", "a/../../b", "..", "C:\\x", "a\\..\\b", "a\0b", "c:x", "./a", "a/./b", "", "a//b"]
+
+
+def file_entry(path: str, size: int = 0, executable: bool = False) -> OfferEntry:
+    return OfferEntry(FILE, path, size, executable)
+
+
+def dir_entry(path: str) -> OfferEntry:
+    return OfferEntry(DIRECTORY, path)
+
+
+# Stands in for an Offer that skipped validation, to show the destination's own check.
+UncheckedOffer = namedtuple("UncheckedOffer", "entries total_bytes")
+
+
+def digest(data: bytes) -> bytes:
+    return blake3.blake3(data).digest()
+
+
+def receive(destination: Destination, entry: OfferEntry, data: bytes) -> Path:
+    part = destination.open_part(entry)
+    part.write(data)
+    return destination.commit(part, digest(data))
+
+
+def leftovers(root: Path) -> list[str]:
+    return [name for _, _, names in os.walk(root) for name in names if name.endswith(PART_SUFFIX)]
+
+
+@pytest.mark.parametrize("name", HOSTILE)
+def test_hostile_names_never_become_an_offer(name):
+    with pytest.raises(ValueError):
+        Offer([file_entry(name, 1)])
+    document = {"version": 1, "entries": [{"kind": "file", "path": name, "size": 1}], "file_count": 1, "total_bytes": 1}
+    with pytest.raises(ProtocolError, match="invalid offer: the name"):
+        Offer.from_json(json.dumps(document).encode())
+
+
+@pytest.mark.parametrize("name", HOSTILE)
+def test_destination_rejects_hostile_names_on_its_own(tmp_path, name):
+    destination = Destination(tmp_path)
+    with pytest.raises(DestinationError, match="refusing the name"):
+        destination.plan(UncheckedOffer([file_entry(name, 1)], 1))
+    assert os.listdir(tmp_path) == []
+
+
+def test_symlink_escape_is_rejected(tmp_path):
+    outside = tmp_path / "outside"
+    root = tmp_path / "root"
+    outside.mkdir()
+    root.mkdir()
+    (root / "link").symlink_to(outside)
+    (root / "inner").mkdir()
+    (root / "alias").symlink_to(root / "inner")
+    destination = Destination(root)
+    offer = Offer([dir_entry("link"), file_entry("link/x", 1)])
+    with pytest.raises(DestinationError, match="outside"):
+        destination.plan(offer)
+    with pytest.raises(DestinationError, match="outside"):
+        destination.plan(Offer([dir_entry("link")]))
+    # A symlink that stays inside the destination is just a directory.
+    paths = destination.plan(Offer([dir_entry("alias"), file_entry("alias/y", 1)]))
+    assert paths == [root / "alias", root / "alias" / "y"]
+    assert os.listdir(outside) == []
+
+
+def test_an_existing_symlink_at_a_file_name_is_replaced_not_followed(tmp_path):
+    outside = tmp_path / "secret"
+    outside.write_bytes(b"keep me")
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "a").symlink_to(outside)
+    offer = Offer([file_entry("a", 3)])
+    with pytest.raises(DestinationError, match="already exists"):
+        Destination(root).plan(offer)
+    destination = Destination(root, overwrite=True)
+    destination.plan(offer)
+    receive(destination, offer.entries[0], b"new")
+    assert not (root / "a").is_symlink()
+    assert (root / "a").read_bytes() == b"new"
+    assert outside.read_bytes() == b"keep me"
+
+
+def test_no_overwrite_by_default(tmp_path):
+    (tmp_path / "a").write_bytes(b"old")
+    offer = Offer([file_entry("a", 3)])
+    with pytest.raises(DestinationError, match="a already exists in .*; not overwriting it"):
+        Destination(tmp_path).plan(offer)
+    destination = Destination(tmp_path, overwrite=True)
+    destination.plan(offer)
+    receive(destination, offer.entries[0], b"new")
+    assert (tmp_path / "a").read_bytes() == b"new"
+
+
+def test_a_file_appearing_during_the_transfer_is_not_overwritten(tmp_path):
+    offer = Offer([file_entry("a", 3)])
+    destination = Destination(tmp_path)
+    destination.plan(offer)
+    part = destination.open_part(offer.entries[0])
+    part.write(b"new")
+    (tmp_path / "a").write_bytes(b"someone else's")
+    with pytest.raises(DestinationError, match="appeared during the transfer"):
+        destination.commit(part, digest(b"new"))
+    assert (tmp_path / "a").read_bytes() == b"someone else's"
+    assert leftovers(tmp_path) == []
+
+
+def test_kind_conflicts(tmp_path):
+    (tmp_path / "d").mkdir()
+    (tmp_path / "f").write_bytes(b"")
+    with pytest.raises(DestinationError, match="a directory of that name exists"):
+        Destination(tmp_path, overwrite=True).plan(Offer([file_entry("d", 1)]))
+    with pytest.raises(DestinationError, match="a file of that name exists"):
+        Destination(tmp_path, overwrite=True).plan(Offer([dir_entry("f"), file_entry("f/x", 1)]))
+    # An existing directory is merged into.
+    Destination(tmp_path).plan(Offer([dir_entry("d"), file_entry("d/new", 1)]))
+
+
+def test_final_name_appears_only_after_commit(tmp_path):
+    offer = Offer([dir_entry("d"), file_entry("d/a", 6)])
+    destination = Destination(tmp_path)
+    assert destination.plan(offer) == [tmp_path / "d", tmp_path / "d" / "a"]
+    assert os.listdir(tmp_path) == []  # planning writes nothing
+    part = destination.open_part(offer.entries[1])
+    part.write(b"abc")
+    assert not (tmp_path / "d" / "a").exists()
+    assert part.part_path.parent == tmp_path / "d"
+    assert part.part_path.name.startswith("a.") and part.part_path.name.endswith(PART_SUFFIX)
+    assert stat.S_IMODE(os.stat(part.part_path).st_mode) == 0o600
+    part.write(memoryview(b"defgh")[:3])
+    assert not (tmp_path / "d" / "a").exists()
+    assert destination.commit(part, digest(b"abcdef")) == tmp_path / "d" / "a"
+    assert (tmp_path / "d" / "a").read_bytes() == b"abcdef"
+    assert leftovers(tmp_path) == []
+
+
+def test_wrong_hash_is_discarded(tmp_path):
+    offer = Offer([file_entry("a", 3)])
+    destination = Destination(tmp_path)
+    destination.plan(offer)
+    part = destination.open_part(offer.entries[0])
+    part.write(b"abc")
+    with pytest.raises(IntegrityError, match="a arrived corrupted"):
+        destination.commit(part, digest(b"abd"))
+    assert os.listdir(tmp_path) == []
+
+
+def test_short_file_is_discarded(tmp_path):
+    offer = Offer([file_entry("a", 3)])
+    destination = Destination(tmp_path)
+    destination.plan(offer)
+    part = destination.open_part(offer.entries[0])
+    part.write(b"ab")
+    with pytest.raises(DestinationError, match="received 2 of 3 bytes"):
+        destination.commit(part, digest(b"ab"))
+    assert os.listdir(tmp_path) == []
+
+
+def test_too_much_data_is_refused(tmp_path):
+    offer = Offer([file_entry("a", 3)])
+    destination = Destination(tmp_path)
+    destination.plan(offer)
+    part = destination.open_part(offer.entries[0])
+    with pytest.raises(DestinationError, match="more data than the offered 3 bytes"):
+        part.write(b"abcd")
+    assert os.listdir(tmp_path) == []
+
+
+def test_abort_removes_parts_and_new_empty_directories_but_keeps_committed_files(tmp_path):
+    (tmp_path / "mine").mkdir()
+    offer = Offer(
+        [
+            dir_entry("mine"),
+            file_entry("mine/done", 2),
+            dir_entry("new"),
+            dir_entry("new/deep"),
+            file_entry("new/deep/partial", 5),
+        ]
+    )
+    destination = Destination(tmp_path)
+    destination.plan(offer)
+    receive(destination, offer.entries[1], b"ok")
+    part = destination.open_part(offer.entries[4])
+    part.write(b"par")
+    assert part.part_path.exists()
+    destination.abort()
+    assert not part.part_path.exists()
+    assert sorted(os.listdir(tmp_path)) == ["mine"]
+    assert os.listdir(tmp_path / "mine") == ["done"]
+    destination.abort()  # twice is harmless
+
+
+def test_disk_full_is_a_clear_error_and_removes_the_part(tmp_path, monkeypatch):
+    offer = Offer([file_entry("big", 10)])
+    destination = Destination(tmp_path)
+    destination.plan(offer)
+    part = destination.open_part(offer.entries[0])
+
+    def full(fd, data):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(destination_module.os, "write", full)
+    with pytest.raises(DestinationError, match="^cannot write big: disk full$"):
+        part.write(b"0123456789")
+    monkeypatch.undo()
+    assert os.listdir(tmp_path) == []
+
+
+def test_not_enough_space_is_caught_while_planning(tmp_path, monkeypatch):
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(destination_module.shutil, "disk_usage", lambda path: usage(100, 90, 10))
+    with pytest.raises(DestinationError, match="not enough space in .*: 11 B offered, 10 B free"):
+        Destination(tmp_path).plan(Offer([file_entry("a", 11)]))
+
+
+def test_missing_destination(tmp_path):
+    with pytest.raises(DestinationError, match="no such file or directory"):
+        Destination(tmp_path / "nope").plan(Offer([file_entry("a")]))
+    (tmp_path / "file").write_bytes(b"")
+    with pytest.raises(DestinationError, match="not a directory"):
+        Destination(tmp_path / "file").plan(Offer([file_entry("a")]))
+
+
+def test_modes_follow_the_offer_and_the_umask(tmp_path):
+    offer = Offer([file_entry("run", 2, True), file_entry("data", 2)])
+    destination = Destination(tmp_path)
+    destination.plan(offer)
+    receive(destination, offer.entries[0], b"#!")
+    receive(destination, offer.entries[1], b"{}")
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert stat.S_IMODE(os.stat(tmp_path / "run").st_mode) == 0o777 & ~umask
+    assert stat.S_IMODE(os.stat(tmp_path / "data").st_mode) == 0o666 & ~umask
+
+
+def test_finish_creates_empty_directories(tmp_path):
+    offer = Offer([dir_entry("top"), dir_entry("top/empty"), dir_entry("top/with"), file_entry("top/with/f", 1)])
+    destination = Destination(tmp_path)
+    destination.plan(offer)
+    with pytest.raises(RuntimeError):
+        destination.finish()
+    receive(destination, offer.entries[3], b"x")
+    assert not (tmp_path / "top" / "empty").exists()
+    destination.finish()
+    assert (tmp_path / "top" / "empty").is_dir()
+    assert (tmp_path / "top" / "with" / "f").read_bytes() == b"x"
+
+
+def test_longest_names_still_get_a_temporary_name(tmp_path):
+    name = "é" * 127  # 254 bytes
+    offer = Offer([file_entry(name, 1)])
+    destination = Destination(tmp_path)
+    destination.plan(offer)
+    assert receive(destination, offer.entries[0], b"z") == tmp_path / name
+
+
+def test_unplanned_entries_are_refused(tmp_path):
+    destination = Destination(tmp_path)
+    destination.plan(Offer([file_entry("a", 1)]))
+    with pytest.raises(RuntimeError):
+        destination.open_part(file_entry("b", 1))
+    receive(destination, file_entry("a", 1), b"1")
+    with pytest.raises(RuntimeError):
+        destination.open_part(file_entry("a", 1))
