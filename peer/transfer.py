@@ -54,6 +54,7 @@ __all__ = [
     "SenderSession",
     "TransferDone",
     "TransferError",
+    "TransferFailed",
     "decode_message",
     "format_size",
     "name_problem",
@@ -93,6 +94,10 @@ _DRIVE_LETTER = re.compile(r"[A-Za-z]:")
 
 class TransferError(Exception):
     """Base of this module's errors."""
+
+
+class TransferFailed(Exception):
+    """A transfer ended without the receiver's confirmation; the message is the user's one line."""
 
 
 class ProtocolError(TransferError):

@@ -1,0 +1,315 @@
+"""``peer send`` and ``peer recv``: argument parsing and the order of the steps, nothing more.
+
+Exit status: 0 only when the transfer was verified end to end; 1 for any failure (one line
+on stderr saying why); 2 for a usage error; 130 when interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from functools import partial
+from pathlib import Path
+
+import trio
+
+from relay.server import ListenError, RelayConfig, serve
+
+from . import codes, handshake, transfer
+from .address import DEFAULT_PORT, DEFAULT_SECURE_PORT, AddressError, RelayAddress, parse_relay
+from .channel import Channel
+from .console import Console
+from .destination import Destination, DestinationError
+from .lan import best_lan_address
+from .meeting import HandshakeFailed, meet
+from .progress import Progress
+from .receiving import receive_offer
+from .rendezvous import RelayError
+from .sending import send_selection
+from .source import SourceError, scan
+from .transfer import TransferFailed
+
+RELAY_ENV = "PEER_RELAY"
+PASSWORD_ENV = "PEER_PASSWORD"
+
+
+class Failure(Exception):
+    """Stop with this one-line message and exit status 1."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="peer",
+        description="Send files end-to-end encrypted through a relay that can read nothing.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{send,recv}")
+
+    def common(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument(
+            "--relay",
+            metavar="ADDR",
+            help=f"relay address: HOST, HOST:PORT or tcp://HOST:PORT (default: ${RELAY_ENV}"
+            + (", or a relay run inside `peer send` itself)" if sub.prog.endswith("send") else ")"),
+        )
+        sub.add_argument(
+            "--secure-port",
+            type=int,
+            metavar="N",
+            default=None,
+            help=f"the relay's secure-room port (default {DEFAULT_SECURE_PORT})",
+        )
+        sub.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
+        sub.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors (and a generated code)")
+
+    send = commands.add_parser("send", help="send files or directories", description="Send files or directories.")
+    common(send)
+    send.add_argument(
+        "--password",
+        metavar="PW",
+        help=f"use this code instead of a generated one (${PASSWORD_ENV} does the same without "
+        "showing it in the process list)",
+    )
+    send.add_argument(
+        "--max-attempts",
+        type=int,
+        default=handshake.DEFAULT_MAX_ATTEMPTS,
+        metavar="N",
+        help="give up after N failed handshakes, each being one guess of the code "
+        f"(default {handshake.DEFAULT_MAX_ATTEMPTS})",
+    )
+    send.add_argument("paths", nargs="+", metavar="PATH", help="files or directories to send")
+
+    recv = commands.add_parser("recv", help="receive files", description="Receive what a `peer send` offers.")
+    common(recv)
+    recv.add_argument(
+        "-o", "--output", metavar="DEST", default=".", help="directory to save into (default: the current one)"
+    )
+    recv.add_argument("--overwrite", action="store_true", help="replace existing files of the same name")
+    recv.add_argument("code", nargs="?", help=f"the code the sender printed (asked for if absent, or ${PASSWORD_ENV})")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.secure_port is not None and not 0 < args.secure_port < 65536:
+        print("peer: --secure-port must be between 1 and 65535", file=sys.stderr)
+        return 2
+    if args.command == "send" and args.max_attempts < 1:
+        print("peer: --max-attempts must be at least 1", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.ERROR, format="peer: %(message)s")
+    console = Console(quiet=args.quiet, assume_yes=args.yes)
+    run = _send if args.command == "send" else _recv
+    try:
+        return trio.run(run, args, console)
+    except Failure as failure:
+        console.error(str(failure))
+        return 1
+    except KeyboardInterrupt:
+        console.error("interrupted")
+        return 130
+
+
+def _relay_from(args) -> tuple[RelayAddress | None, bool]:
+    """The configured relay, and whether it came from the environment."""
+    text, from_env = args.relay, False
+    if text is None and os.environ.get(RELAY_ENV):
+        text, from_env = os.environ[RELAY_ENV], True
+    if text is None:
+        return None, False
+    try:
+        return parse_relay(text, secure_port=args.secure_port), from_env
+    except AddressError as error:
+        raise Failure(str(error)) from None
+
+
+def _describe_handshake_event(console: Console, event: handshake.Event) -> None:
+    if isinstance(event, handshake.AttemptFailed):
+        console.warn(
+            f"a receiver at {_show(event.partner_identity)} tried a wrong code "
+            f"({event.attempts_used} of {event.attempts_allowed} attempts used): {event.reason}"
+        )
+    elif isinstance(event, handshake.Declined):
+        console.info(f"{_show(event.partner_identity)} declined; still waiting")
+
+
+def _show(identity: bytes) -> str:
+    return transfer.printable(identity.decode("utf-8", "replace"))
+
+
+# --- send -----------------------------------------------------------------------------------
+
+
+async def _send(args, console: Console) -> int:
+    try:
+        selection = scan(args.paths)
+    except SourceError as error:
+        raise Failure(str(error)) from None
+    for warning in selection.warnings:
+        console.warn(warning)
+    if not selection.offer.entries:
+        raise Failure("nothing to send")
+    text = args.password or os.environ.get(PASSWORD_ENV) or None
+    generated = text is None
+    if generated:
+        text = codes.generate_code()
+    password = codes.password_bytes(text)
+    if not password:
+        raise Failure("the code must not be empty")
+    address, from_env = _relay_from(args)
+    async with trio.open_nursery() as nursery:
+        if address is None:
+            address, shown = await _embedded_relay(nursery, args)
+        else:
+            shown = None if from_env else address
+        _announce(console, text, generated, shown)
+        try:
+            return await _send_through(address, password, selection, args, console)
+        finally:
+            nursery.cancel_scope.cancel()
+
+
+async def _embedded_relay(nursery: trio.Nursery, args) -> tuple[RelayAddress, RelayAddress]:
+    """Run a relay in this process, on the usual ports if they are free, else on any."""
+    logging.getLogger("relay").setLevel(logging.ERROR)
+    secure = args.secure_port or DEFAULT_SECURE_PORT
+    try:
+        ports = await nursery.start(partial(serve, RelayConfig(port=DEFAULT_PORT, secure_port=secure)))
+    except ListenError:
+        try:
+            ports = await nursery.start(partial(serve, RelayConfig(port=0, secure_port=0)))
+        except ListenError as error:
+            raise Failure(f"cannot run a relay here: {error}") from None
+    local = RelayAddress("127.0.0.1", ports.port, ports.secure_port)
+    return local, RelayAddress(best_lan_address(), ports.port, ports.secure_port)
+
+
+def _announce(console: Console, text: str, generated: bool, shown: RelayAddress | None) -> None:
+    if generated:
+        print(f"Code: {text}", flush=True)
+    command = ["peer", "recv"]
+    if shown is not None:
+        command += ["--relay", str(shown)]
+        if shown.secure_port != DEFAULT_SECURE_PORT:
+            command += ["--secure-port", str(shown.secure_port)]
+    command.append(text if generated else "<the code>")
+    console.info("On the other machine run: " + " ".join(command))
+
+
+async def _send_through(address, password, selection, args, console: Console) -> int:
+    machine = handshake.SenderHandshake(password, max_attempts=args.max_attempts)
+    try:
+        meeting = await meet(address, machine, notify=partial(_describe_handshake_event, console))
+    except (RelayError, HandshakeFailed) as error:
+        raise Failure(str(error)) from None
+    keys = meeting.paired.keys
+    partner = _show(meeting.paired.partner_identity)
+    check = transfer.verification_string(keys.sender_to_receiver)
+    channel = Channel(
+        meeting.stream,
+        send_key=keys.sender_to_receiver,
+        receive_key=keys.receiver_to_sender,
+        send_cipher=keys.ciphers[0],
+        receive_cipher=keys.ciphers[1],
+    )
+
+    async def confirm() -> bool:
+        summary = selection.offer.summary()
+        if console.assume_yes or not console.interactive:
+            console.info(f"Sending {summary} to {partner} (verification {check})")
+            return True
+        return await console.ask(f"Send {summary} to {partner}? Verification {check}.")
+
+    progress = Progress(selection.offer.total_bytes, label="Sending", quiet=args.quiet)
+    try:
+        done = await send_selection(channel, selection, confirm=confirm, progress=progress)
+    except TransferFailed as error:
+        await channel.abort()
+        raise Failure(str(error)) from None
+    finally:
+        progress.close()
+    await channel.close()
+    console.info(
+        f"Sent {done.file_count} file{'s' if done.file_count != 1 else ''} "
+        f"({transfer.format_size(done.total_bytes)}); the receiver confirmed every byte."
+    )
+    return 0
+
+
+# --- recv -----------------------------------------------------------------------------------
+
+
+async def _recv(args, console: Console) -> int:
+    address, _ = _relay_from(args)
+    if address is None:
+        raise Failure(
+            f"no relay given: pass --relay ADDR or set {RELAY_ENV} "
+            "(the sender printed the command to type)"
+        )
+    text = args.code or os.environ.get(PASSWORD_ENV)
+    if not text:
+        if not console.interactive:
+            raise Failure("no code given")
+        try:
+            text = await console.read_code()
+        except EOFError:
+            raise Failure("no code given") from None
+    hint = codes.check_code(text)
+    if hint:
+        console.warn(hint)
+    password = codes.password_bytes(text)
+    if not password:
+        raise Failure("the code must not be empty")
+    try:
+        destination = Destination(Path(args.output), overwrite=args.overwrite)
+    except DestinationError as error:
+        raise Failure(str(error)) from None
+
+    async def decide_agreement(agreed: handshake.Agreed) -> bool:
+        if agreed.keys.ciphers[1] != 0:
+            raise Failure(
+                f"the sender at {_show(agreed.partner_identity)} runs bob, whose format "
+                "this version cannot receive yet"
+            )
+        return True  # ours: the user decides once the offer has arrived
+
+    machine = handshake.ReceiverHandshake(password)
+    try:
+        meeting = await meet(
+            address, machine, notify=partial(_describe_handshake_event, console), decide=decide_agreement
+        )
+    except (RelayError, HandshakeFailed) as error:
+        raise Failure(str(error)) from None
+    keys = meeting.paired.keys
+    partner = _show(meeting.paired.partner_identity)
+    check = transfer.verification_string(keys.sender_to_receiver)
+    channel = Channel(
+        meeting.stream,
+        send_key=keys.receiver_to_sender,
+        receive_key=keys.sender_to_receiver,
+        send_cipher=keys.ciphers[1],
+        receive_cipher=keys.ciphers[0],
+    )
+
+    async def decide(offer: transfer.Offer) -> bool:
+        console.info(f"{partner} offers {offer.summary()} (verification {check})")
+        if console.assume_yes:
+            return True
+        return await console.ask("Accept?")
+
+    def make_progress(offer: transfer.Offer) -> Progress:
+        return Progress(offer.total_bytes, label="Receiving", quiet=args.quiet)
+
+    try:
+        done = await receive_offer(channel, destination, decide=decide, make_progress=make_progress)
+    except TransferFailed as error:
+        await channel.abort()
+        raise Failure(str(error)) from None
+    await channel.close()
+    console.info(
+        f"Received {done.file_count} file{'s' if done.file_count != 1 else ''} "
+        f"({transfer.format_size(done.total_bytes)}) into {args.output}"
+    )
+    return 0

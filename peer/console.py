@@ -1,0 +1,58 @@
+"""What the user sees and answers: one-line messages on stderr and yes/no prompts."""
+
+from __future__ import annotations
+
+import sys
+
+import trio
+
+PROGRAM = "peer"
+
+
+class Console:
+    """Messages go to stderr (stdout carries only the code, so scripts can capture it)."""
+
+    def __init__(self, *, quiet: bool = False, assume_yes: bool = False) -> None:
+        self.quiet = quiet
+        self.assume_yes = assume_yes
+
+    def info(self, message: str) -> None:
+        if not self.quiet:
+            print(message, file=sys.stderr, flush=True)
+
+    def warn(self, message: str) -> None:
+        print(f"{PROGRAM}: warning: {message}", file=sys.stderr, flush=True)
+
+    def error(self, message: str) -> None:
+        print(f"{PROGRAM}: {message}", file=sys.stderr, flush=True)
+
+    @property
+    def interactive(self) -> bool:
+        return sys.stdin is not None and sys.stdin.isatty()
+
+    async def ask(self, question: str) -> bool:
+        """bob's rule: y, yes, an empty line or end of input accept; n or no refuse."""
+        if self.assume_yes:
+            return True
+        prompt = f"{question} [Y/n]: "
+        while True:
+            print(prompt, end="", file=sys.stderr, flush=True)
+            line = await trio.to_thread.run_sync(sys.stdin.readline, abandon_on_cancel=True)
+            answer = line.strip().lower()
+            if not line or answer in ("", "y", "yes"):
+                return True
+            if answer in ("n", "no"):
+                return False
+            prompt = f"Please answer y or n. {question} [Y/n]: "
+
+    async def read_code(self) -> str:
+        """Ask for the code on the terminal; an empty answer asks again."""
+        prompt = "Code: "
+        while True:
+            print(prompt, end="", file=sys.stderr, flush=True)
+            line = await trio.to_thread.run_sync(sys.stdin.readline, abandon_on_cancel=True)
+            if not line:
+                raise EOFError("no code given")
+            if line.strip():
+                return line.strip()
+            prompt = "You must enter the code: "

@@ -1,0 +1,119 @@
+"""The receiver's data phase on a live channel: greet, show the offer, write, verify, ACK."""
+
+from __future__ import annotations
+
+from typing import Awaitable, Callable
+
+import trio
+
+from . import transfer
+from .channel import Channel, ChannelBroken, ChannelClosed
+from .destination import Destination, DestinationError
+from .progress import Progress
+from .transfer import TransferFailed
+
+Decide = Callable[[transfer.Offer], Awaitable[bool]]
+MakeProgress = Callable[[transfer.Offer], Progress]
+
+
+async def receive_offer(
+    channel: Channel,
+    destination: Destination,
+    *,
+    decide: Decide,
+    make_progress: MakeProgress | None = None,
+) -> transfer.TransferDone:
+    """Run the receiver's side until everything is verified, in place and acknowledged.
+
+    On any failure every temporary file is removed, the sender is told why (best effort),
+    and TransferFailed carries the one line for the user.
+    """
+    session = transfer.ReceiverSession()
+    progress: Progress | None = None
+    try:
+        await channel.send(session.hello())
+        await channel.flush()
+        offer = await _wait_offer(channel, session)
+        try:
+            destination.plan(offer)
+        except DestinationError as error:
+            await _send_now(channel, session.decline(str(error)))
+            raise TransferFailed(str(error)) from None
+        if not await decide(offer):
+            await _send_now(channel, session.decline("the receiver said no"))
+            raise TransferFailed("declined")
+        await _send_now(channel, session.accept())
+        if make_progress is not None:
+            progress = make_progress(offer)
+        done = await _write_files(channel, session, destination, progress)
+        destination.finish()
+        await _send_now(channel, session.acknowledge())
+        return done
+    except TransferFailed:
+        destination.abort()
+        raise
+    except transfer.ProtocolError as error:
+        destination.abort()
+        await _tell(channel, session, str(error))
+        raise TransferFailed(f"the sender broke the protocol: {error}") from None
+    except DestinationError as error:
+        destination.abort()
+        await _tell(channel, session, str(error))
+        raise TransferFailed(str(error)) from None
+    except ChannelClosed:
+        destination.abort()
+        raise TransferFailed("the sender went away before the transfer finished") from None
+    except ChannelBroken as error:
+        destination.abort()
+        raise TransferFailed(str(error)) from None
+    except BaseException:
+        destination.abort()
+        raise
+    finally:
+        if progress is not None:
+            progress.close()
+
+
+async def _send_now(channel: Channel, message: bytes) -> None:
+    await channel.send(message)
+    await channel.flush()
+
+
+async def _tell(channel: Channel, session: transfer.ReceiverSession, reason: str) -> None:
+    try:
+        with trio.move_on_after(2):
+            await _send_now(channel, session.error(reason[: transfer.MAX_REASON_BYTES]))
+    except (ChannelBroken, RuntimeError):
+        pass
+
+
+async def _wait_offer(channel: Channel, session: transfer.ReceiverSession) -> transfer.Offer:
+    while True:
+        event = session.receive(await channel.receive())
+        if event is None:
+            continue
+        if isinstance(event, transfer.PeerError):
+            raise TransferFailed(f"the sender stopped: {event.reason}")
+        assert isinstance(event, transfer.OfferReceived)
+        return event.offer
+
+
+async def _write_files(channel, session, destination, progress) -> transfer.TransferDone:
+    part = None
+    while True:
+        event = session.receive(await channel.receive())
+        if isinstance(event, transfer.FileData):
+            part.write(event.data)
+            if progress is not None:
+                progress.advance(len(event.data))
+        elif isinstance(event, transfer.FileStarted):
+            part = destination.open_part(event.entry)
+            if progress is not None:
+                progress.note(event.entry.path)
+        elif isinstance(event, transfer.FileFinished):
+            destination.commit(part, event.digest)
+            part = None
+        elif isinstance(event, transfer.TransferDone):
+            return event
+        elif isinstance(event, transfer.PeerError):
+            raise TransferFailed(f"the sender stopped: {event.reason}")

@@ -1,0 +1,107 @@
+"""The sender's data phase on a live channel: offer, stream every file once, wait for the ACK."""
+
+from __future__ import annotations
+
+from typing import Awaitable, Callable
+
+import trio
+
+from . import transfer
+from .channel import Channel, ChannelBroken, ChannelClosed
+from .progress import Progress
+from .source import Selection, SourceError
+from .transfer import TransferFailed
+
+HELLO_TIMEOUT = 60.0
+"""How long our receiver may take to greet us once the room is open (it greets at once)."""
+ANSWER_TIMEOUT = 24 * 3600.0
+"""The receiver's user may leave the prompt open a long time; the relay bounds it anyway."""
+
+
+Confirm = Callable[[], Awaitable[bool]]
+
+
+async def send_selection(
+    channel: Channel,
+    selection: Selection,
+    *,
+    confirm: Confirm | None = None,
+    progress: Progress | None = None,
+) -> transfer.Completed:
+    """Run the sender's side to the receiver's ACK; TransferFailed on anything else."""
+    session = transfer.SenderSession(selection.offer)
+    try:
+        return await _send(channel, session, selection, confirm, progress)
+    except SourceError as error:
+        await _tell(channel, session, str(error))
+        raise TransferFailed(str(error)) from None
+    except transfer.ProtocolError as error:
+        await _tell(channel, session, str(error))
+        raise TransferFailed(f"the receiver broke the protocol: {error}") from None
+    except ChannelClosed:
+        raise TransferFailed("the receiver went away before confirming the transfer") from None
+    except ChannelBroken as error:
+        raise TransferFailed(str(error)) from None
+
+
+async def _tell(channel: Channel, session: transfer.SenderSession, reason: str) -> None:
+    """Best effort: let the receiver know why we stop, so it can say so too."""
+    try:
+        with trio.move_on_after(2):
+            await channel.send(session.error(reason[: transfer.MAX_REASON_BYTES]))
+            await channel.flush()
+    except (ChannelBroken, RuntimeError):
+        pass
+
+
+async def _receive(channel: Channel, session: transfer.SenderSession, timeout: float, what: str):
+    with trio.move_on_after(timeout):
+        event = session.receive(await channel.receive())
+        if isinstance(event, transfer.PeerError):
+            raise TransferFailed(f"the receiver stopped: {event.reason}")
+        return event
+    raise TransferFailed(f"the receiver did not {what} within {timeout:.0f} s")
+
+
+async def _send(channel, session, selection, confirm, progress) -> transfer.Completed:
+    await _receive(channel, session, HELLO_TIMEOUT, "greet us")
+    if confirm is not None and not await confirm():
+        await _tell(channel, session, "the sender cancelled")
+        raise TransferFailed("cancelled")
+    for message in session.offer_messages():
+        await channel.send(message)
+    await channel.flush()
+    answer = await _receive(channel, session, ANSWER_TIMEOUT, "answer the offer")
+    if isinstance(answer, transfer.Declined):
+        reason = f": {answer.reason}" if answer.reason else ""
+        raise TransferFailed(f"the receiver declined the transfer{reason}")
+
+    outcome: list[transfer.Completed] = []
+    async with trio.open_nursery() as nursery:
+
+        async def watch_receiver() -> None:
+            # Runs beside the file stream: the receiver may stop us early (disk full...).
+            event = session.receive(await channel.receive())
+            if isinstance(event, transfer.PeerError):
+                raise TransferFailed(f"the receiver stopped: {event.reason}")
+            outcome.append(event)
+
+        nursery.start_soon(watch_receiver)
+        await _stream_files(channel, session, selection, progress)
+    return outcome[0]
+
+
+async def _stream_files(channel, session, selection, progress) -> None:
+    while (entry := session.next_file()) is not None:
+        if progress is not None:
+            progress.note(entry.path)
+        with selection.open(entry) as reader:
+            await channel.send(session.begin_file(entry))
+            while session.file_remaining:
+                count = reader.readinto(session.data_buffer())
+                await channel.send(session.data_message(count))
+                if progress is not None:
+                    progress.advance(count)
+            await channel.send(session.end_file(reader.digest()))
+    await channel.send(session.done())
+    await channel.flush()
