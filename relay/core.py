@@ -1,0 +1,367 @@
+"""The handshake-port relay as a pure state machine (PROTOCOL.md §3).
+
+The driver owns sockets and timers; it tells a ``Relay`` what happened on a connection
+(``connect``, ``receive``, ``disconnect``, ``expire``, ``shutdown``) and performs the outputs it
+gets back, in order: ``Send`` writes bytes, ``Close`` closes a connection once everything sent
+to it before is written. Connections are named by whatever hashable ``conn`` the driver likes.
+Keeping I/O out makes every rule testable byte for byte without a network.
+
+Every registered client is a candidate of every registered server: bob announces each server
+to each client. So instead of storing that full relation (clients × servers entries), each peer
+keeps only its *links*: pairs whose handshake ended (Refused, Spoke_failure: no longer
+candidates) or reached Agreement (the only pairs that may be Accepted). Memory stays linear
+in peers plus packets actually exchanged.
+
+Stricter than bob, with identical bytes on the wire for honest peers:
+- a peer-to-peer packet goes only to a live peer of the other role that is its candidate;
+- Accepted is acted on only after the server's Agreement went through the relay to that
+  client, so a stranger cannot pull a waiting sender off the relay by "accepting" it;
+- Refused is forwarded, departures and pairings are announced with Closed;
+- UIDs are never shared by two live peers (see ``relay.uids``).
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from typing import Hashable, Union
+
+import attrs
+
+from relay import wire
+from relay.rooms import RoomBook
+from relay.uids import UidPool
+
+log = logging.getLogger("relay.core")
+
+MIN_IDENTITY = 5
+"""bob's parser looks for the NUL only once 6 bytes follow the fixed part (PROTOCOL.md §2)."""
+
+
+@attrs.frozen
+class Send:
+    """Write ``data`` to ``conn``."""
+
+    conn: Hashable
+    data: bytes
+
+
+@attrs.frozen
+class Close:
+    """Close ``conn`` after writing what was sent to it before; ``reason`` is for the log."""
+
+    conn: Hashable
+    reason: str
+
+
+Output = Union[Send, Close]
+
+
+class Role(enum.StrEnum):
+    CLIENT = "client"
+    """A receiver (``bob recv``)."""
+    SERVER = "server"
+    """A sender (``bob send``)."""
+
+
+class _Link(enum.Enum):
+    ENDED = "ended"
+    """Refused or Spoke_failure between them: no longer candidates."""
+    AGREED = "agreed"
+    """The server sent Agreement to the client: the client may now Accept it."""
+
+
+_SENT_BY = {
+    Role.CLIENT: frozenset({
+        wire.ClientValidator.TYPE, wire.XAndClientIdentity.TYPE, wire.Accepted.TYPE,
+        wire.Refused.TYPE, wire.SpokeFailure.TYPE,
+    }),
+    Role.SERVER: frozenset({
+        wire.YAndServerValidator.TYPE, wire.Agreement.TYPE, wire.SpokeFailure.TYPE,
+    }),
+}
+"""Peer-to-peer types each role may send (to the other role)."""
+
+_OTHER = {Role.CLIENT: Role.SERVER, Role.SERVER: Role.CLIENT}
+
+
+@attrs.define(eq=False)
+class _Peer:
+    """One handshake-port connection, registered or not. Dropped when it closes."""
+
+    conn: Hashable
+    identity: bytes
+    parser: wire.Parser = attrs.Factory(wire.Parser)
+    role: Role | None = None
+    uid: int = wire.RELAY_UID
+    announcement: bytes = b""
+    """A server's New_server packet, encoded once and sent to every client."""
+    links: dict[int, _Link] = attrs.Factory(dict)
+    """Peer UID → the state of this pair, for pairs that differ from 'candidate'."""
+
+    def describe(self) -> str:
+        who = self.identity.decode("ascii", "replace")
+        if self.role is None:
+            return f"connection {who}"
+        return f"{self.role} {self.uid:04x} ({who})"
+
+
+class Relay:
+    """The handshake relay: registrations, forwarding, pairings and departures."""
+
+    def __init__(self, rooms: RoomBook | None = None, uids: UidPool | None = None) -> None:
+        self.rooms = rooms if rooms is not None else RoomBook()
+        self._uids = uids if uids is not None else UidPool()
+        self._conns: dict[Hashable, _Peer] = {}
+        self._registered: dict[Role, dict[int, _Peer]] = {Role.CLIENT: {}, Role.SERVER: {}}
+
+    # -- introspection --------------------------------------------------------------------
+
+    @property
+    def peers(self) -> dict[Role, int]:
+        """Registered peers by role."""
+        return {role: len(table) for role, table in self._registered.items()}
+
+    @property
+    def connections(self) -> int:
+        """Open handshake connections, registered or not."""
+        return len(self._conns)
+
+    @property
+    def uids_in_use(self) -> int:
+        return self._uids.in_use
+
+    def registered(self, conn: Hashable) -> Role | None:
+        peer = self._conns.get(conn)
+        return peer.role if peer is not None else None
+
+    def uid_of(self, conn: Hashable) -> int | None:
+        peer = self._conns.get(conn)
+        return peer.uid if peer is not None and peer.role is not None else None
+
+    def candidates_of(self, conn: Hashable) -> frozenset[int]:
+        """UIDs this peer may address: for tests and debugging, costs O(peers of the other role)."""
+        peer = self._conns.get(conn)
+        if peer is None or peer.role is None:
+            return frozenset()
+        return frozenset(other.uid for other in self._candidates(peer))
+
+    # -- events from the driver -----------------------------------------------------------
+
+    def connect(self, conn: Hashable, identity: bytes) -> list[Output]:
+        """A new handshake-port connection; ``identity`` is ``wire.identity_of`` its address."""
+        if conn in self._conns:
+            raise ValueError(f"connection {conn!r} is already open")
+        identity = bytes(identity)
+        if not MIN_IDENTITY <= len(identity) <= wire.MAX_IDENTITY or any(
+                c in identity for c in b"\0\n"):
+            # Checked here so that encoding our replies can never fail mid-packet later.
+            raise ValueError(f"identity {identity!r} cannot be sent to peers")
+        self._conns[conn] = _Peer(conn, identity)
+        log.debug("connection from %s", identity.decode("ascii", "replace"))
+        return []
+
+    def receive(self, conn: Hashable, data: bytes) -> list[Output]:
+        """Bytes read from ``conn``. Late bytes from a connection already closed are dropped."""
+        out: list[Output] = []
+        peer = self._conns.get(conn)
+        if peer is None:
+            return out
+        try:
+            peer.parser.feed(data)
+            for frame in peer.parser.frames():
+                self._handle(out, peer, frame)
+                if conn not in self._conns:
+                    break  # closed by that packet (paired, no free UID): ignore the rest
+        except wire.WireError as error:
+            self._depart(out, peer, f"malformed: {error}")
+        return out
+
+    def disconnect(self, conn: Hashable) -> list[Output]:
+        """EOF or a socket error on ``conn``."""
+        out: list[Output] = []
+        peer = self._conns.get(conn)
+        if peer is not None:
+            self._depart(out, peer, "disconnected")
+        return out
+
+    def expire(self, conn: Hashable) -> list[Output]:
+        """The driver's deadline for ``conn`` passed (Hello deadline or handshake timeout)."""
+        out: list[Output] = []
+        peer = self._conns.get(conn)
+        if peer is None:
+            return out
+        if peer.role is None:
+            self._close(out, peer, "no Hello in time")
+        else:
+            self._depart(out, peer, "handshake timeout", timed_out=True)
+        return out
+
+    def shutdown(self) -> list[Output]:
+        """The relay is stopping: tell every registered peer (Closed 0000), close everything."""
+        out: list[Output] = []
+        for table in self._registered.values():
+            for peer in table.values():
+                self._send(out, peer, wire.RELAY_UID, wire.Closed(wire.RELAY_UID))
+        # Nobody is left to notify, so skip the per-peer candidate walk of a departure.
+        for peer in list(self._conns.values()):
+            if peer.role is not None:
+                self._uids.release(peer.uid)
+            self._close(out, peer, "relay shutting down")
+        for table in self._registered.values():
+            table.clear()
+        return out
+
+    # -- packet handling ------------------------------------------------------------------
+
+    def _handle(self, out: list[Output], peer: _Peer, frame: wire.Frame) -> None:
+        packet = frame.packet
+        match packet:
+            case wire.HelloClient():
+                self._hello(out, peer, frame.uid, Role.CLIENT)
+            case wire.HelloServer(public=public):
+                self._hello(out, peer, frame.uid, Role.SERVER, public)
+            case wire.RelayFailure(letter=letter, peer_uid=about):
+                log.info("%s reports relay failure %s%04x", peer.describe(),
+                         letter.decode("ascii"), about)
+            case _ if packet.TYPE in wire.PEER_TO_PEER:
+                self._forward(out, peer, frame.uid, packet)
+            case _:
+                log.debug("%s sent relay-only packet %02x: ignored", peer.describe(), packet.TYPE)
+
+    def _hello(self, out: list[Output], peer: _Peer, uid: int, role: Role,
+               public: bytes | None = None) -> None:
+        if uid != wire.RELAY_UID:
+            log.debug("%s sent a Hello to UID %04x: ignored", peer.describe(), uid)
+            return
+        if peer.role is not None and peer.role is not role:
+            log.debug("%s sent a Hello as a %s: ignored", peer.describe(), role)
+            return
+        if peer.role is None:
+            new_uid = self._uids.allocate()
+            if new_uid is None:
+                self._send(out, peer, wire.RELAY_UID, wire.Timeout())
+                self._close(out, peer, "no free UID")
+                return
+            peer.role, peer.uid = role, new_uid
+            self._registered[role][new_uid] = peer
+            log.info("%s registered", peer.describe())
+        else:
+            # Announcing it again makes every pair a candidate again, as bob's re-broadcast does.
+            log.debug("%s repeated its Hello", peer.describe())
+            self._unlink_all(peer)
+        if role is Role.CLIENT:
+            self._send(out, peer, wire.RELAY_UID, wire.ClientIdentity(peer.identity))
+            for server in self._registered[Role.SERVER].values():
+                self._write(out, peer, server.announcement)
+        else:
+            assert public is not None
+            peer.announcement = wire.encode(
+                wire.RELAY_UID, wire.NewServer(peer.uid, public, peer.identity))
+            self._send(out, peer, wire.RELAY_UID, wire.ServerIdentity(peer.identity))
+            for client in self._registered[Role.CLIENT].values():
+                self._write(out, client, peer.announcement)
+
+    def _forward(self, out: list[Output], sender: _Peer, to_uid: int,
+                 packet: wire.Packet) -> None:
+        if sender.role is None:
+            log.debug("%s is not registered: packet %02x dropped", sender.describe(), packet.TYPE)
+            return
+        if packet.TYPE not in _SENT_BY[sender.role]:
+            log.debug("%s may not send packet %02x: dropped", sender.describe(), packet.TYPE)
+            return
+        target = self._registered[_OTHER[sender.role]].get(to_uid)
+        link = sender.links.get(to_uid)
+        if target is None or link is _Link.ENDED:
+            log.debug("%s sent packet %02x to UID %04x, not its candidate: dropped",
+                      sender.describe(), packet.TYPE, to_uid)
+            return
+        match packet:
+            case wire.Accepted():
+                if link is not _Link.AGREED:
+                    log.debug("%s accepted %s without its Agreement: dropped",
+                              sender.describe(), target.describe())
+                    return
+                self._pair(out, sender, target)
+                return
+            case wire.Agreement():
+                self._link(sender, target, _Link.AGREED)
+            case wire.Refused() | wire.SpokeFailure():
+                self._link(sender, target, _Link.ENDED)
+        self._send(out, target, sender.uid, packet)
+
+    def _pair(self, out: list[Output], client: _Peer, server: _Peer) -> None:
+        log.info("%s accepted %s: room booked", client.describe(), server.describe())
+        client_uid, server_uid = client.uid, server.uid
+        told_of_client = self._unregister(client)
+        told_of_server = self._unregister(server)
+        # Booked before anything is sent: a peer may reach the secure port as soon as it reads.
+        self.rooms.book(client.identity, server.identity)
+        self._send(out, server, client_uid, wire.Accepted())
+        self._send(out, client, wire.RELAY_UID, wire.Done())
+        self._close(out, server, "paired")
+        self._close(out, client, "paired")
+        for other in told_of_client:
+            if other is not server:
+                self._send(out, other, wire.RELAY_UID, wire.Closed(client_uid))
+        for other in told_of_server:
+            self._send(out, other, wire.RELAY_UID, wire.Closed(server_uid))
+
+    def _depart(self, out: list[Output], peer: _Peer, reason: str,
+                timed_out: bool = False) -> None:
+        """The peer is gone: its candidates learn it with Closed, nothing of it remains."""
+        uid = peer.uid
+        told = self._unregister(peer) if peer.role is not None else []
+        if timed_out:
+            self._send(out, peer, wire.RELAY_UID, wire.Timeout())
+        self._close(out, peer, reason)
+        for other in told:
+            self._send(out, other, wire.RELAY_UID, wire.Closed(uid))
+
+    # -- state helpers --------------------------------------------------------------------
+
+    def _candidates(self, peer: _Peer) -> list[_Peer]:
+        assert peer.role is not None
+        return [
+            other for other in self._registered[_OTHER[peer.role]].values()
+            if peer.links.get(other.uid) is not _Link.ENDED
+        ]
+
+    def _unregister(self, peer: _Peer) -> list[_Peer]:
+        """Remove a registered peer from every table, free its UID; return its candidates.
+
+        The peer keeps its role and UID for the log: it is closed right after.
+        """
+        assert peer.role is not None
+        candidates = self._candidates(peer)
+        self._unlink_all(peer)
+        del self._registered[peer.role][peer.uid]
+        self._uids.release(peer.uid)
+        return candidates
+
+    def _link(self, a: _Peer, b: _Peer, link: _Link) -> None:
+        a.links[b.uid] = link
+        b.links[a.uid] = link
+
+    def _unlink_all(self, peer: _Peer) -> None:
+        assert peer.role is not None
+        others = self._registered[_OTHER[peer.role]]
+        for other_uid in peer.links:
+            other = others.get(other_uid)
+            if other is not None:
+                other.links.pop(peer.uid, None)
+        peer.links.clear()
+
+    # -- outputs --------------------------------------------------------------------------
+
+    def _send(self, out: list[Output], peer: _Peer, uid: int, packet: wire.Packet) -> None:
+        self._write(out, peer, wire.encode(uid, packet))
+
+    def _write(self, out: list[Output], peer: _Peer, data: bytes) -> None:
+        assert self._conns.get(peer.conn) is peer, "nothing may be sent after a Close"
+        out.append(Send(peer.conn, data))
+
+    def _close(self, out: list[Output], peer: _Peer, reason: str) -> None:
+        log.info("closing %s: %s", peer.describe(), reason)
+        del self._conns[peer.conn]
+        out.append(Close(peer.conn, reason))
