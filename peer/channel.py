@@ -7,6 +7,7 @@ import trio
 from . import records
 
 RECEIVE_SIZE = 256 * 1024
+_IOV_MAX = 512  # well under every system's limit on buffers per sendmsg
 
 
 class ChannelClosed(Exception):
@@ -46,23 +47,37 @@ class Channel:
 
     async def send(self, plaintext: bytes | memoryview) -> None:
         """Queue one record; it is written once the batch is full or on ``flush``."""
-        record = self._sealer.seal(plaintext)
-        self._pending.append(record)
-        self._pending_size += len(record)
+        header, sealed = self._sealer.seal_parts(plaintext)
+        self._pending += (header, sealed)
+        self._pending_size += len(header) + len(sealed)
         if self._pending_size >= self._batch_size:
             await self.flush()
 
     async def flush(self) -> None:
         if not self._pending:
             return
-        data = b"".join(self._pending)
-        self._pending.clear()
-        self._pending_size = 0
+        pending, size = self._pending, self._pending_size
+        self._pending, self._pending_size = [], 0
         try:
-            await self.stream.send_all(data)
+            await self._write(pending)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as error:
             raise ChannelBroken(f"connection lost while sending: {_why(error)}") from None
-        self.bytes_sent += len(data)
+        self.bytes_sent += size
+
+    async def _write(self, pieces: list[bytes]) -> None:
+        sock = getattr(self.stream, "socket", None)
+        if sock is None or not hasattr(sock, "sendmsg"):
+            await self.stream.send_all(b"".join(pieces))
+            return
+        # A gathered write (sendmsg) hands the kernel every record without joining them
+        # into one more copy first.
+        while pieces:
+            sent = await sock.sendmsg(pieces[:_IOV_MAX])
+            while pieces and sent >= len(pieces[0]):
+                sent -= len(pieces[0])
+                pieces.pop(0)
+            if sent:
+                pieces[0] = memoryview(pieces[0])[sent:]
 
     async def receive(self) -> bytes:
         """The next plaintext record; ChannelClosed at the end, ChannelBroken on corruption."""

@@ -104,12 +104,27 @@ def main(argv: list[str] | None = None) -> int:
     run = _send if args.command == "send" else _recv
     try:
         return trio.run(run, args, console)
-    except Failure as failure:
-        console.error(str(failure))
-        return 1
-    except KeyboardInterrupt:
-        console.error("interrupted")
-        return 130
+    except BaseException as error:  # noqa: B902 - unwrapped and re-raised below if unknown
+        error = _sole(error)
+        if isinstance(error, Failure):
+            console.error(str(error))
+            return 1
+        if isinstance(error, KeyboardInterrupt):
+            console.error("interrupted")
+            return 130
+        raise error
+
+
+def _sole(error: BaseException) -> BaseException:
+    """The one real error inside the groups that trio's nurseries wrap errors in."""
+    while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
+        error = error.exceptions[0]
+    if isinstance(error, BaseExceptionGroup):
+        for inner in error.exceptions:
+            inner = _sole(inner)
+            if isinstance(inner, (Failure, KeyboardInterrupt)):
+                return inner
+    return error
 
 
 def _relay_from(args) -> tuple[RelayAddress | None, bool]:
@@ -262,10 +277,24 @@ async def _recv(args, console: Console) -> int:
     password = codes.password_bytes(text)
     if not password:
         raise Failure("the code must not be empty")
+    output = Path(args.output)
+    made_output = not output.exists()
     try:
-        destination = Destination(Path(args.output), overwrite=args.overwrite)
-    except DestinationError as error:
-        raise Failure(str(error)) from None
+        output.mkdir(parents=True, exist_ok=True)
+        destination = Destination(output, overwrite=args.overwrite)
+    except (OSError, DestinationError) as error:
+        raise Failure(f"cannot use {args.output} as the destination: {getattr(error, 'strerror', None) or error}") from None
+    try:
+        return await _receive_into(address, password, destination, args, console)
+    finally:
+        if made_output:
+            try:
+                output.rmdir()  # only if still empty: nothing was received
+            except OSError:
+                pass
+
+
+async def _receive_into(address, password, destination, args, console: Console) -> int:
 
     async def decide_agreement(agreed: handshake.Agreed) -> bool:
         if agreed.keys.ciphers[1] != 0:

@@ -28,6 +28,7 @@ from peer.transfer import Offer, OfferEntry, format_size, name_problem, shown
 __all__ = ["Destination", "DestinationError", "IntegrityError", "PartFile", "PART_SUFFIX"]
 
 PART_SUFFIX = ".peer-part"
+WRITE_BATCH = 1 << 20
 _PART_NAME_BYTES = 200  # leaves room for ".<8 hex>.peer-part" within a 255-byte name
 _CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
@@ -85,6 +86,8 @@ class PartFile:
         self.written = 0
         self._fd: int | None = fd
         self._hasher = blake3.blake3()
+        self._pending = bytearray(min(WRITE_BATCH, entry.size))
+        self._filled = 0
 
     @property
     def closed(self) -> bool:
@@ -97,22 +100,49 @@ class PartFile:
         if self.written + len(data) > self.entry.size:
             self.discard()
             raise DestinationError(f"{self.entry.path}: more data than the offered {self.entry.size} bytes")
-        view = memoryview(data)
+        size = len(data)
+        if self._filled + size > WRITE_BATCH:
+            self._drain()
+        if size >= WRITE_BATCH:
+            self._write_out(data)
+        else:
+            self._pending[self._filled : self._filled + size] = data
+            self._filled += size
+        self.written += size
+        if self.written == self.entry.size:
+            self._drain()
+
+    def _drain(self) -> None:
+        """Write and hash the gathered bytes: one large write costs far less than many small
+        ones (on tmpfs here, 1 MiB writes run at 2.7 GB/s, 32 KiB writes at 0.6 GB/s)."""
+        if self._filled:
+            with memoryview(self._pending) as whole:
+                self._write_out(whole[: self._filled])
+            self._filled = 0
+
+    def _write_out(self, data: bytes | memoryview) -> None:
+        problem = None
         try:
-            while view:
-                count = os.write(self._fd, view)
-                view = view[count:]
+            with memoryview(data) as whole:
+                done = 0
+                while done < len(whole):
+                    done += os.write(self._fd, whole[done:])
         except OSError as exc:
+            problem = _reason(exc)
+        if problem is not None:
+            # Outside the except block: its traceback may still hold a view of the buffer.
             self.discard()
-            raise DestinationError(f"cannot write {self.entry.path}: {_reason(exc)}") from None
+            raise DestinationError(f"cannot write {self.entry.path}: {problem}")
         self._hasher.update(data)
-        self.written += len(data)
 
     def digest(self) -> bytes:
+        """The blake3 of everything written so far (gathered bytes are written first)."""
+        self._drain()
         return self._hasher.digest()
 
     def discard(self) -> None:
         """Close and delete the temporary file; safe to call more than once."""
+        self._filled = 0
         if self._fd is not None:
             fd, self._fd = self._fd, None
             os.close(fd)
@@ -128,6 +158,7 @@ class PartFile:
         pointing at an empty or partial file, which is what this module promises never
         to show.
         """
+        self._drain()
         fd = self._fd
         try:
             if hasattr(os, "fchmod"):

@@ -31,6 +31,9 @@ def _describe(error: BaseException) -> str:
             return "connection refused"
         if error.strerror:
             return error.strerror.lower()
+        if error.__cause__ is not None:
+            # trio's happy eyeballs: "all attempts failed", the real reasons are the cause.
+            return _describe(error.__cause__)
     if isinstance(error, BaseExceptionGroup):
         return _describe(error.exceptions[0])
     return str(error) or type(error).__name__

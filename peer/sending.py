@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Awaitable, Callable
 
 import trio
@@ -76,18 +77,29 @@ async def _send(channel, session, selection, confirm, progress) -> transfer.Comp
         reason = f": {answer.reason}" if answer.reason else ""
         raise TransferFailed(f"the receiver declined the transfer{reason}")
 
+    # The file stream and a watch on the receiver run side by side: the receiver may stop us
+    # early (disk full, a bad name). Whichever fails first cancels the other; its error wins.
     outcome: list[transfer.Completed] = []
+    failures: list[Exception] = []
     async with trio.open_nursery() as nursery:
 
+        async def guarded(job) -> None:
+            try:
+                await job()
+            except (TransferFailed, SourceError, transfer.ProtocolError, ChannelClosed, ChannelBroken) as error:
+                failures.append(error)
+                nursery.cancel_scope.cancel()
+
         async def watch_receiver() -> None:
-            # Runs beside the file stream: the receiver may stop us early (disk full...).
             event = session.receive(await channel.receive())
             if isinstance(event, transfer.PeerError):
                 raise TransferFailed(f"the receiver stopped: {event.reason}")
             outcome.append(event)
 
-        nursery.start_soon(watch_receiver)
-        await _stream_files(channel, session, selection, progress)
+        nursery.start_soon(guarded, watch_receiver)
+        nursery.start_soon(guarded, partial(_stream_files, channel, session, selection, progress))
+    if failures:
+        raise failures[0]
     return outcome[0]
 
 

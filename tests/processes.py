@@ -1,0 +1,100 @@
+"""Real processes for end-to-end tests: a peer-relay on loopback, and peers around it."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import attrs
+
+ROOT = Path(__file__).resolve().parent.parent
+READY = re.compile(rb"listening on 127\.0\.0\.1:(\d+) \(handshake\) and 127\.0\.0\.1:(\d+) \(secure room\)")
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """The environment for a child process: our packages importable, no stray relay/code."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PEER_RELAY", "PEER_PASSWORD")}
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env.update(extra)
+    return env
+
+
+@attrs.frozen
+class RelayProcess:
+    process: subprocess.Popen
+    port: int
+    secure_port: int
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def peer_args(self) -> list[str]:
+        return ["--relay", self.address, "--secure-port", str(self.secure_port)]
+
+
+def start_relay(*extra: str, timeout: float = 20.0) -> RelayProcess:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "relay", "--host", "127.0.0.1", "--port", "0", "--secure-port", "0", "-q", *extra],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        env=child_env(),
+    )
+    line = b""
+    try:
+        # The ready line comes within a second; readline is bounded by the kill below.
+        import threading
+
+        timer = threading.Timer(timeout, process.kill)
+        timer.start()
+        try:
+            line = process.stdout.readline()
+        finally:
+            timer.cancel()
+        match = READY.search(line)
+        if not match:
+            raise RuntimeError(f"relay did not start: {line!r}")
+    except BaseException:
+        process.kill()
+        process.wait(5)
+        raise
+    return RelayProcess(process, int(match[1]), int(match[2]))
+
+
+def stop_relay(relay: RelayProcess) -> int:
+    relay.process.send_signal(signal.SIGTERM)
+    try:
+        return relay.process.wait(10)
+    except subprocess.TimeoutExpired:
+        relay.process.kill()
+        relay.process.wait(5)
+        raise
+    finally:
+        relay.process.stdout.close()
+
+
+def peer(*args: str, cwd: Path, stdin=subprocess.DEVNULL, **env: str) -> subprocess.Popen:
+    """Start ``peer ARGS`` in the background (stop it with finish())."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "peer", *args],
+        cwd=cwd,
+        stdin=stdin,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=child_env(**env),
+    )
+
+
+def finish(process: subprocess.Popen, timeout: float = 60.0) -> tuple[int, str, str]:
+    """Wait for a peer process (killing it past the timeout) and return (status, out, err)."""
+    try:
+        out, err = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        out, err = process.communicate()
+        raise AssertionError(f"peer did not finish in {timeout} s: {err.decode(errors='replace')}")
+    return process.returncode, out.decode(errors="replace"), err.decode(errors="replace")
