@@ -237,14 +237,14 @@ async def _send_through(address, password, selection, args, console: Console) ->
             return True
         return await console.ask(f"Send {summary} to {partner}? Verification {check}.")
 
-    progress = Progress(selection.offer.total_bytes, label="Sending", quiet=args.quiet)
+    def make_progress() -> Progress:
+        return Progress(selection.offer.total_bytes, label="Sending", quiet=args.quiet)
+
     try:
-        done = await send_selection(channel, selection, confirm=confirm, progress=progress)
+        done = await send_selection(channel, selection, confirm=confirm, make_progress=make_progress)
     except TransferFailed as error:
         await channel.abort()
         raise Failure(str(error)) from None
-    finally:
-        progress.close()
     await channel.close()
     console.info(
         f"Sent {done.file_count} file{'s' if done.file_count != 1 else ''} "

@@ -27,12 +27,16 @@ async def send_selection(
     selection: Selection,
     *,
     confirm: Confirm | None = None,
-    progress: Progress | None = None,
+    make_progress: Callable[[], Progress] | None = None,
 ) -> transfer.Completed:
-    """Run the sender's side to the receiver's ACK; TransferFailed on anything else."""
+    """Run the sender's side to the receiver's ACK; TransferFailed on anything else.
+
+    The progress bar is made only once the receiver accepted, so that it neither draws over
+    a prompt nor counts the time a person took to answer.
+    """
     session = transfer.SenderSession(selection.offer)
     try:
-        return await _send(channel, session, selection, confirm, progress)
+        return await _send(channel, session, selection, confirm, make_progress)
     except SourceError as error:
         await _tell(channel, session, str(error))
         raise TransferFailed(str(error)) from None
@@ -64,7 +68,7 @@ async def _receive(channel: Channel, session: transfer.SenderSession, timeout: f
     raise TransferFailed(f"the receiver did not {what} within {timeout:.0f} s")
 
 
-async def _send(channel, session, selection, confirm, progress) -> transfer.Completed:
+async def _send(channel, session, selection, confirm, make_progress) -> transfer.Completed:
     await _receive(channel, session, HELLO_TIMEOUT, "greet us")
     if confirm is not None and not await confirm():
         await _tell(channel, session, "the sender cancelled")
@@ -76,7 +80,15 @@ async def _send(channel, session, selection, confirm, progress) -> transfer.Comp
     if isinstance(answer, transfer.Declined):
         reason = f": {answer.reason}" if answer.reason else ""
         raise TransferFailed(f"the receiver declined the transfer{reason}")
+    progress = make_progress() if make_progress is not None else None
+    try:
+        return await _stream_and_confirm(channel, session, selection, progress)
+    finally:
+        if progress is not None:
+            progress.close()
 
+
+async def _stream_and_confirm(channel, session, selection, progress) -> transfer.Completed:
     # The file stream and a watch on the receiver run side by side: the receiver may stop us
     # early (disk full, a bad name). Whichever fails first cancels the other; its error wins.
     outcome: list[transfer.Completed] = []
