@@ -18,6 +18,7 @@ import trio
 from relay.server import ListenError, RelayConfig, serve
 
 from . import codes, handshake, transfer
+from .bob import BOB_WAIT, receive_pack, send_pack
 from .address import DEFAULT_PORT, DEFAULT_SECURE_PORT, AddressError, RelayAddress, parse_relay
 from .channel import Channel
 from .console import Console
@@ -150,6 +151,12 @@ def _describe_handshake_event(console: Console, event: handshake.Event) -> None:
         console.info(f"{_show(event.partner_identity)} declined; still waiting")
 
 
+def _is_bob(keys) -> bool:
+    """bob's sender advertises ChaCha20 (2) for the receiver's direction, which cannot carry
+    records; ours advertises AES-GCM (0) so that we can answer it."""
+    return keys.ciphers[1] != 0
+
+
 def _show(identity: bytes) -> str:
     return transfer.printable(identity.decode("utf-8", "replace"))
 
@@ -240,12 +247,24 @@ async def _send_through(address, password, selection, args, console: Console) ->
     def make_progress() -> Progress:
         return Progress(selection.offer.total_bytes, label="Sending", quiet=args.quiet)
 
+    async def to_bob() -> None:
+        console.info(f"{partner} is a bob receiver: sending bob's format")
+        await send_pack(channel, selection, args.paths, make_progress=make_progress)
+
     try:
-        done = await send_selection(channel, selection, confirm=confirm, make_progress=make_progress)
+        done = await send_selection(
+            channel, selection, confirm=confirm, make_progress=make_progress, to_bob=to_bob, bob_wait=BOB_WAIT
+        )
     except TransferFailed as error:
         await channel.abort()
         raise Failure(str(error)) from None
     await channel.close()
+    if done is None:
+        console.info(
+            f"Sent {selection.offer.summary()}; bob's receiver closed the connection after the "
+            "last byte (bob cannot confirm what it wrote)."
+        )
+        return 0
     console.info(
         f"Sent {done.file_count} file{'s' if done.file_count != 1 else ''} "
         f"({transfer.format_size(done.total_bytes)}); the receiver confirmed every byte."
@@ -297,12 +316,14 @@ async def _recv(args, console: Console) -> int:
 async def _receive_into(address, password, destination, args, console: Console) -> int:
 
     async def decide_agreement(agreed: handshake.Agreed) -> bool:
-        if agreed.keys.ciphers[1] != 0:
-            raise Failure(
-                f"the sender at {_show(agreed.partner_identity)} runs bob, whose format "
-                "this version cannot receive yet"
-            )
-        return True  # ours: the user decides once the offer has arrived
+        if not _is_bob(agreed.keys):
+            return True  # ours: the user decides once the offer has arrived
+        # bob's data carries no offer: like bob, ask before the room opens.
+        who = _show(agreed.partner_identity)
+        if console.assume_yes:
+            console.info(f"Accepting bob's sender at {who}")
+            return True
+        return await console.ask(f"Accept from {who} (a bob sender)?")
 
     machine = handshake.ReceiverHandshake(password)
     try:
@@ -314,11 +335,13 @@ async def _receive_into(address, password, destination, args, console: Console) 
     keys = meeting.paired.keys
     partner = _show(meeting.paired.partner_identity)
     check = transfer.verification_string(keys.sender_to_receiver)
+    bob = _is_bob(keys)
     channel = Channel(
         meeting.stream,
         send_key=keys.receiver_to_sender,
         receive_key=keys.sender_to_receiver,
-        send_cipher=keys.ciphers[1],
+        # bob's cipher1 cannot seal records; we never send it any, only the raw close marker.
+        send_cipher=0 if bob else keys.ciphers[1],
         receive_cipher=keys.ciphers[0],
     )
 
@@ -331,8 +354,15 @@ async def _receive_into(address, password, destination, args, console: Console) 
     def make_progress(offer: transfer.Offer) -> Progress:
         return Progress(offer.total_bytes, label="Receiving", quiet=args.quiet)
 
+    def announce(offer: transfer.Offer) -> None:
+        console.info(f"{partner} sends {offer.summary()}")
+
     try:
-        done = await receive_offer(channel, destination, decide=decide, make_progress=make_progress)
+        if bob:
+            offer = await receive_pack(channel, destination, announce=announce, make_progress=make_progress)
+            done = transfer.TransferDone(offer.file_count, offer.total_bytes)
+        else:
+            done = await receive_offer(channel, destination, decide=decide, make_progress=make_progress)
     except TransferFailed as error:
         await channel.abort()
         raise Failure(str(error)) from None

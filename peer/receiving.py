@@ -7,6 +7,7 @@ from typing import Awaitable, Callable
 import trio
 
 from . import transfer
+from .bob import receive_pack
 from .channel import Channel, ChannelBroken, ChannelClosed
 from .destination import Destination, DestinationError
 from .progress import Progress
@@ -33,7 +34,15 @@ async def receive_offer(
     try:
         await channel.send(session.hello())
         await channel.flush()
-        offer = await _wait_offer(channel, session)
+        first = await channel.receive()
+        if first[:4] == b"PACK":
+            # The sender gave up waiting for our greeting and sent bob's format: read that.
+            offer = await receive_pack(
+                channel, destination, announce=lambda offer: None, decide=decide,
+                make_progress=make_progress, first=first,
+            )
+            return transfer.TransferDone(offer.file_count, offer.total_bytes)
+        offer = await _wait_offer(channel, session, first)
         try:
             destination.plan(offer)
         except DestinationError as error:
@@ -87,10 +96,13 @@ async def _tell(channel: Channel, session: transfer.ReceiverSession, reason: str
         pass
 
 
-async def _wait_offer(channel: Channel, session: transfer.ReceiverSession) -> transfer.Offer:
+async def _wait_offer(channel: Channel, session: transfer.ReceiverSession, first: bytes) -> transfer.Offer:
+    record = first
     while True:
-        event = session.receive(await channel.receive())
+        event = session.receive(record)
+        record = None
         if event is None:
+            record = await channel.receive()
             continue
         if isinstance(event, transfer.PeerError):
             raise TransferFailed(f"the sender stopped: {event.reason}")

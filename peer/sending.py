@@ -28,15 +28,20 @@ async def send_selection(
     *,
     confirm: Confirm | None = None,
     make_progress: Callable[[], Progress] | None = None,
-) -> transfer.Completed:
+    to_bob: Callable[[], Awaitable[None]] | None = None,
+    bob_wait: float = HELLO_TIMEOUT,
+) -> transfer.Completed | None:
     """Run the sender's side to the receiver's ACK; TransferFailed on anything else.
+
+    A receiver that stays silent for ``bob_wait`` seconds is bob's (ours greets at once):
+    then ``to_bob`` sends bob's payload instead and None is returned.
 
     The progress bar is made only once the receiver accepted, so that it neither draws over
     a prompt nor counts the time a person took to answer.
     """
     session = transfer.SenderSession(selection.offer)
     try:
-        return await _send(channel, session, selection, confirm, make_progress)
+        return await _send(channel, session, selection, confirm, make_progress, to_bob, bob_wait)
     except SourceError as error:
         await _tell(channel, session, str(error))
         raise TransferFailed(str(error)) from None
@@ -68,8 +73,20 @@ async def _receive(channel: Channel, session: transfer.SenderSession, timeout: f
     raise TransferFailed(f"the receiver did not {what} within {timeout:.0f} s")
 
 
-async def _send(channel, session, selection, confirm, make_progress) -> transfer.Completed:
-    await _receive(channel, session, HELLO_TIMEOUT, "greet us")
+async def _send(channel, session, selection, confirm, make_progress, to_bob, bob_wait):
+    first = None
+    with trio.move_on_after(bob_wait):
+        first = await channel.receive()
+    if first is None:
+        if to_bob is None:
+            raise TransferFailed(f"the receiver did not greet us within {bob_wait:.0f} s")
+        if confirm is not None and not await confirm():
+            raise TransferFailed("cancelled")
+        await to_bob()
+        return None
+    hello = session.receive(first)
+    if isinstance(hello, transfer.PeerError):
+        raise TransferFailed(f"the receiver stopped: {hello.reason}")
     if confirm is not None and not await confirm():
         await _tell(channel, session, "the sender cancelled")
         raise TransferFailed("cancelled")

@@ -1,0 +1,197 @@
+"""Talking to bob's peers on a live channel: receive and send its PACK payload (PROTOCOL.md §7).
+
+How each side knows the other is bob (also in docs/transfer.md):
+- a receiver sees it in the handshake: bob's sender advertises cipher1 = 2 (ChaCha20), which
+  cannot carry records, where ours advertises 0 (AES-GCM) so that we can answer;
+- a sender waits ``BOB_WAIT`` seconds for our receiver's HELLO, which our receiver sends the
+  moment the room opens; bob's receiver never sends anything, so silence means bob. Should
+  a slow link make our receiver's HELLO late, the sender sends a PACK and our receiver,
+  which also reads PACK, still gets a verified transfer.
+bob cannot acknowledge: its receiver just closes after the trailer. That close is the best
+a sender can learn, and we say so instead of claiming a confirmation.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Awaitable, Callable, Iterator
+
+import trio
+
+from . import pack, transfer
+from .channel import Channel, ChannelBroken, ChannelClosed
+from .destination import Destination, DestinationError
+from .progress import Progress
+from .source import Selection, SourceError
+from .transfer import TransferFailed
+
+BOB_WAIT = 5.0
+"""Seconds a sender waits for our receiver's HELLO before treating the receiver as bob."""
+CLOSE_WAIT = 60.0
+"""How long a sender waits for bob's receiver to close once the trailer is sent."""
+LEVEL = 0
+"""zlib level for what we send to bob: stored blocks. Level 4 (bob's) deflates at ~44 MiB/s
+here, far below the link; bob's receiver accepts any level."""
+READ_STEP = 1024 * 1024
+
+Announce = Callable[[transfer.Offer], None]
+MakeProgress = Callable[[transfer.Offer], Progress]
+
+
+# --- receiving from bob ---------------------------------------------------------------------
+
+
+async def receive_pack(
+    channel: Channel,
+    destination: Destination,
+    *,
+    announce: Announce,
+    decide: Callable[[transfer.Offer], Awaitable[bool]] | None = None,
+    make_progress: MakeProgress | None = None,
+    first: bytes | None = None,
+) -> transfer.Offer:
+    """Read bob's pack to its verified trailer, put every file in place, return what arrived.
+
+    A single file is written as it inflates and renamed only once the trailer matched; a
+    directory is verified whole (the reader spools it) before the first file is written.
+    """
+    reader = pack.PackReader()
+    progress: Progress | None = None
+    part = None
+    offer: transfer.Offer | None = None
+    try:
+        while not reader.finished:
+            if first is not None:
+                record, first = first, None
+            else:
+                try:
+                    record = await channel.receive()
+                except ChannelClosed:
+                    reader.eof()  # raises: the stream ended before the trailer
+                    raise
+            reader.feed(record)
+            while (event := reader.next_event()) is not None:
+                if isinstance(event, (pack.SingleFile, pack.Directory)):
+                    offer = reader.offer()
+                    destination.plan(offer)
+                    announce(offer)
+                    if decide is not None and not await decide(offer):
+                        raise TransferFailed("declined")
+                    if make_progress is not None:
+                        progress = make_progress(offer)
+                    if isinstance(event, pack.SingleFile):
+                        part = destination.open_part(offer.entries[0])
+                elif isinstance(event, pack.FileData):
+                    part.write(event.data)
+                    if progress is not None:
+                        progress.advance(len(event.data))
+                elif isinstance(event, pack.TreeEntry):
+                    if event.kind == transfer.FILE:
+                        await _extract(reader, destination, event, progress)
+                elif isinstance(event, pack.PackEnd):
+                    if part is not None:
+                        # The pack's SHA-1 trailer is what verified these bytes; bob sends no
+                        # per-file digest, so the part file's own one completes the commit.
+                        destination.commit(part, part.digest())
+                        part = None
+                    destination.finish()
+        return offer
+    except pack.PackError as error:
+        destination.abort()
+        raise TransferFailed(f"bob's stream is not valid: {error}") from None
+    except DestinationError as error:
+        destination.abort()
+        raise TransferFailed(str(error)) from None
+    except ChannelClosed:
+        destination.abort()
+        raise TransferFailed("the sender went away before the transfer finished") from None
+    except ChannelBroken as error:
+        destination.abort()
+        raise TransferFailed(str(error)) from None
+    except BaseException:
+        destination.abort()
+        raise
+    finally:
+        reader.close()
+        if progress is not None:
+            progress.close()
+
+
+async def _extract(reader: pack.PackReader, destination: Destination, entry: pack.TreeEntry, progress) -> None:
+    part = destination.open_part(entry.offer_entry())
+    for piece in reader.iter_blob(entry.id):
+        part.write(piece)
+        if progress is not None:
+            progress.advance(len(piece))
+        await trio.lowlevel.checkpoint()
+    destination.commit(part, part.digest())
+
+
+# --- sending to bob -------------------------------------------------------------------------
+
+
+async def send_pack(
+    channel: Channel,
+    selection: Selection,
+    paths: list[str],
+    *,
+    make_progress: Callable[[], Progress] | None = None,
+) -> None:
+    """Send one file or one directory as bob's pack, then wait for bob to close the room."""
+    if len(paths) != 1:
+        raise TransferFailed("bob's receiver takes one file or one directory: send the paths one at a time")
+    top = selection.offer.top_level[0]
+    progress = make_progress() if make_progress is not None else None
+    try:
+        if top.is_file:
+            reader = selection.open(top)
+            with reader:
+                records = pack.single_file_records(top.path, top.size, _chunks(reader, progress), LEVEL)
+                await _send_records(channel, records)
+                reader.digest()  # raises if the file changed while it was read
+        else:
+            directory = pack.directory_pack(paths[0].rstrip(os.sep) or paths[0], top.path)
+            await _send_records(channel, _counted(directory, progress))
+    except SourceError as error:
+        raise TransferFailed(str(error)) from None
+    except ChannelBroken as error:
+        raise TransferFailed(str(error)) from None
+    except ChannelClosed:
+        raise TransferFailed("bob's receiver closed the connection before the end") from None
+    finally:
+        if progress is not None:
+            progress.close()
+    with trio.move_on_after(CLOSE_WAIT):
+        try:
+            while True:
+                # bob sends nothing; a record here is our own receiver's HELLO that came
+                # too late (it reads the pack all the same), so it is skipped.
+                await channel.receive()
+        except (ChannelClosed, ChannelBroken):
+            return  # the receiver hung up: that is bob's way of saying it is done
+    raise TransferFailed(f"bob's receiver did not close the connection within {CLOSE_WAIT:.0f} s")
+
+
+def _chunks(reader, progress: Progress | None) -> Iterator[bytes]:
+    buffer = bytearray(READ_STEP)
+    view = memoryview(buffer)
+    while reader.remaining:
+        count = reader.readinto(view)
+        if progress is not None:
+            progress.advance(count)
+        yield bytes(view[:count])
+
+
+def _counted(directory: pack.DirectoryPack, progress: Progress | None) -> Iterator[bytes]:
+    seen = 0
+    for record in directory.records(LEVEL):
+        if progress is not None:
+            progress.advance(directory.content_sent - seen)
+            seen = directory.content_sent
+        yield record
+
+
+async def _send_records(channel: Channel, records: Iterator[bytes]) -> None:
+    for record in records:
+        await channel.send(record)
+    await channel.flush()
