@@ -19,7 +19,7 @@ from typing import Awaitable, Callable, Iterator
 import trio
 
 from . import pack, transfer
-from .channel import Channel, ChannelBroken, ChannelClosed
+from .channel import Channel, ChannelBroken, ChannelClosed, lost
 from .destination import Destination, DestinationError
 from .progress import Progress
 from .source import Selection, SourceError
@@ -60,57 +60,49 @@ async def receive_pack(
     part = None
     offer: transfer.Offer | None = None
     try:
-        while not reader.finished:
-            if first is not None:
-                record, first = first, None
-            else:
-                try:
-                    record = await channel.receive()
-                except ChannelClosed:
-                    reader.eof()  # raises: the stream ended before the trailer
-                    raise
-            reader.feed(record)
-            while (event := reader.next_event()) is not None:
-                if isinstance(event, (pack.SingleFile, pack.Directory)):
-                    offer = reader.offer()
-                    destination.plan(offer)
-                    announce(offer)
-                    if decide is not None and not await decide(offer):
-                        raise TransferFailed("declined")
-                    if make_progress is not None:
-                        progress = make_progress(offer)
-                    if isinstance(event, pack.SingleFile):
-                        part = destination.open_part(offer.entries[0])
-                elif isinstance(event, pack.FileData):
-                    part.write(event.data)
-                    if progress is not None:
-                        progress.advance(len(event.data))
-                elif isinstance(event, pack.TreeEntry):
-                    if event.kind == transfer.FILE:
-                        await _extract(reader, destination, event, progress)
-                elif isinstance(event, pack.PackEnd):
-                    if part is not None:
-                        # The pack's SHA-1 trailer is what verified these bytes; bob sends no
-                        # per-file digest, so the part file's own one completes the commit.
-                        destination.commit(part, part.digest())
-                        part = None
-                    destination.finish()
-        return offer
+        with destination.all_or_nothing():
+            while not reader.finished:
+                if first is not None:
+                    record, first = first, None
+                else:
+                    try:
+                        record = await channel.receive()
+                    except ChannelClosed:
+                        reader.eof()  # raises: the stream ended before the trailer
+                        raise
+                reader.feed(record)
+                while (event := reader.next_event()) is not None:
+                    if isinstance(event, (pack.SingleFile, pack.Directory)):
+                        offer = reader.offer()
+                        destination.plan(offer)
+                        announce(offer)
+                        if decide is not None and not await decide(offer):
+                            raise TransferFailed("declined")
+                        if make_progress is not None:
+                            progress = make_progress(offer)
+                        if isinstance(event, pack.SingleFile):
+                            part = destination.open_part(offer.entries[0])
+                    elif isinstance(event, pack.FileData):
+                        part.write(event.data)
+                        if progress is not None:
+                            progress.advance(len(event.data))
+                    elif isinstance(event, pack.TreeEntry):
+                        if event.kind == transfer.FILE:
+                            await _extract(reader, destination, event, progress)
+                    elif isinstance(event, pack.PackEnd):
+                        if part is not None:
+                            # The pack's SHA-1 trailer is what verified these bytes; bob sends no
+                            # per-file digest, so the part file's own one completes the commit.
+                            destination.commit(part, part.digest())
+                            part = None
+                        destination.finish()
+            return offer
     except pack.PackError as error:
-        destination.abort()
         raise TransferFailed(f"bob's stream is not valid: {error}") from None
     except DestinationError as error:
-        destination.abort()
         raise TransferFailed(str(error)) from None
-    except ChannelClosed:
-        destination.abort()
-        raise TransferFailed("the sender went away before the transfer finished") from None
-    except ChannelBroken as error:
-        destination.abort()
-        raise TransferFailed(str(error)) from None
-    except BaseException:
-        destination.abort()
-        raise
+    except (ChannelClosed, ChannelBroken) as error:
+        raise lost(error) from None
     finally:
         reader.close()
         if progress is not None:

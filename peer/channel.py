@@ -5,6 +5,7 @@ from __future__ import annotations
 import trio
 
 from . import records
+from .transfer import TransferFailed
 
 RECEIVE_SIZE = 256 * 1024
 _IOV_MAX = 512  # well under every system's limit on buffers per sendmsg
@@ -16,6 +17,13 @@ class ChannelClosed(Exception):
 
 class ChannelBroken(Exception):
     """The room failed: corrupted or truncated records, or the connection broke."""
+
+
+def lost(error: ChannelClosed | ChannelBroken) -> TransferFailed:
+    """What a channel that ended too early means to the user, in one line."""
+    if isinstance(error, ChannelClosed):
+        return TransferFailed("the other side went away before the transfer finished")
+    return TransferFailed(str(error))
 
 
 class Channel:

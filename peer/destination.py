@@ -13,6 +13,7 @@ out of scope; we re-check containment before each file but do not use dir fds.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hmac
 import os
@@ -20,6 +21,7 @@ import secrets
 import shutil
 import stat
 from pathlib import Path
+from typing import Iterator
 
 import blake3
 
@@ -357,6 +359,15 @@ class Destination:
                 except OSError as exc:
                     if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
                         raise DestinationError(f"cannot flush {directory}: {_reason(exc)}") from None
+
+    @contextlib.contextmanager
+    def all_or_nothing(self) -> Iterator[Destination]:
+        """Whatever goes wrong inside (errors, cancellation, Ctrl-C), `abort` runs first."""
+        try:
+            yield self
+        except BaseException:
+            self.abort()
+            raise
 
     def abort(self) -> None:
         """Remove every temporary file and every still-empty directory we created."""

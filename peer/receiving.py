@@ -7,8 +7,7 @@ from typing import Awaitable, Callable
 import trio
 
 from . import transfer
-from .bob import receive_pack
-from .channel import Channel, ChannelBroken, ChannelClosed
+from .channel import Channel, ChannelBroken, ChannelClosed, lost
 from .destination import Destination, DestinationError
 from .progress import Progress
 from .transfer import TransferFailed
@@ -32,52 +31,43 @@ async def receive_offer(
     session = transfer.ReceiverSession()
     progress: Progress | None = None
     try:
-        await channel.send(session.hello())
-        await channel.flush()
-        first = await channel.receive()
-        if first[:4] == b"PACK":
-            # The sender gave up waiting for our greeting and sent bob's format: read that.
-            offer = await receive_pack(
-                channel, destination, announce=lambda offer: None, decide=decide,
-                make_progress=make_progress, first=first,
-            )
-            return transfer.TransferDone(offer.file_count, offer.total_bytes)
-        offer = await _wait_offer(channel, session, first)
-        try:
-            destination.plan(offer)
-        except DestinationError as error:
-            await _send_now(channel, session.decline(str(error)))
-            raise TransferFailed(str(error)) from None
-        if not await decide(offer):
-            await _send_now(channel, session.decline("the receiver said no"))
-            raise TransferFailed("declined")
-        await _send_now(channel, session.accept())
-        if make_progress is not None:
-            progress = make_progress(offer)
-        done = await _write_files(channel, session, destination, progress)
-        destination.finish()
-        await _send_now(channel, session.acknowledge())
-        return done
-    except TransferFailed:
-        destination.abort()
-        raise
+        with destination.all_or_nothing():
+            await channel.send(session.hello())
+            await channel.flush()
+            first = await channel.receive()
+            if first[:4] == b"PACK":
+                # The sender gave up waiting for our greeting and sent bob's format: read that.
+                from .bob import receive_pack  # here: bob.py builds on this module
+
+                offer = await receive_pack(
+                    channel, destination, announce=lambda offer: None, decide=decide,
+                    make_progress=make_progress, first=first,
+                )
+                return transfer.TransferDone(offer.file_count, offer.total_bytes)
+            offer = await _wait_offer(channel, session, first)
+            try:
+                destination.plan(offer)
+            except DestinationError as error:
+                await _send_now(channel, session.decline(str(error)))
+                raise TransferFailed(str(error)) from None
+            if not await decide(offer):
+                await _send_now(channel, session.decline("the receiver said no"))
+                raise TransferFailed("declined")
+            await _send_now(channel, session.accept())
+            if make_progress is not None:
+                progress = make_progress(offer)
+            done = await _write_files(channel, session, destination, progress)
+            destination.finish()
+            await _send_now(channel, session.acknowledge())
+            return done
     except transfer.ProtocolError as error:
-        destination.abort()
         await _tell(channel, session, str(error))
         raise TransferFailed(f"the sender broke the protocol: {error}") from None
     except DestinationError as error:
-        destination.abort()
         await _tell(channel, session, str(error))
         raise TransferFailed(str(error)) from None
-    except ChannelClosed:
-        destination.abort()
-        raise TransferFailed("the sender went away before the transfer finished") from None
-    except ChannelBroken as error:
-        destination.abort()
-        raise TransferFailed(str(error)) from None
-    except BaseException:
-        destination.abort()
-        raise
+    except (ChannelClosed, ChannelBroken) as error:
+        raise lost(error) from None
     finally:
         if progress is not None:
             progress.close()
