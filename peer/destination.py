@@ -25,7 +25,7 @@ from typing import Iterator
 
 import blake3
 
-from peer.transfer import Offer, OfferEntry, format_size, name_problem, shown
+from peer.transfer import Offer, OfferEntry, format_size, name_problem, os_reason, shown
 
 __all__ = ["Destination", "DestinationError", "IntegrityError", "PartFile", "PART_SUFFIX"]
 
@@ -35,7 +35,6 @@ _PART_NAME_BYTES = 200  # leaves room for ".<8 hex>.peer-part" within a 255-byte
 _CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _BINARY = getattr(os, "O_BINARY", 0)
-_DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 
 
 class DestinationError(Exception):
@@ -44,15 +43,6 @@ class DestinationError(Exception):
 
 class IntegrityError(DestinationError):
     """A received file does not match the sender's hash; it was discarded."""
-
-
-def _reason(exc: OSError) -> str:
-    if exc.errno in _DISK_FULL:
-        return "disk full"
-    if exc.errno is None:
-        return str(exc)
-    text = os.strerror(exc.errno)
-    return text[:1].lower() + text[1:]
 
 
 def _current_umask() -> int:
@@ -130,7 +120,7 @@ class PartFile:
                 while done < len(whole):
                     done += os.write(self._fd, whole[done:])
         except OSError as exc:
-            problem = _reason(exc)
+            problem = os_reason(exc)
         if problem is not None:
             # Outside the except block: its traceback may still hold a view of the buffer.
             self.discard()
@@ -167,7 +157,7 @@ class PartFile:
                 os.fchmod(fd, mode)
             os.fsync(fd)
         except OSError as exc:
-            raise DestinationError(f"cannot write {self.entry.path}: {_reason(exc)}") from None
+            raise DestinationError(f"cannot write {self.entry.path}: {os_reason(exc)}") from None
         self._fd = None
         os.close(fd)
 
@@ -204,7 +194,7 @@ class Destination:
         try:
             info = os.stat(self.root)
         except OSError as exc:
-            raise DestinationError(f"cannot use {self.root} as the destination: {_reason(exc)}") from None
+            raise DestinationError(f"cannot use {self.root} as the destination: {os_reason(exc)}") from None
         if not stat.S_ISDIR(info.st_mode):
             raise DestinationError(f"cannot use {self.root} as the destination: not a directory")
         self._real_root = os.path.realpath(self.root)
@@ -266,7 +256,7 @@ class Destination:
                 continue
             except OSError as exc:
                 raise DestinationError(
-                    f"cannot create {directory.relative_to(self.root)}: {_reason(exc)}"
+                    f"cannot create {directory.relative_to(self.root)}: {os_reason(exc)}"
                 ) from None
             self._created.append(directory)
             self._touched.add(directory.parent)
@@ -284,7 +274,7 @@ class Destination:
         try:
             fd = os.open(part, flags, 0o600)
         except OSError as exc:
-            raise DestinationError(f"cannot write {entry.path}: {_reason(exc)}") from None
+            raise DestinationError(f"cannot write {entry.path}: {os_reason(exc)}") from None
         handle = PartFile(entry, final, part, fd)
         self._open[entry.path] = handle
         return handle
@@ -336,7 +326,7 @@ class Destination:
                 return
             os.unlink(source)
         except OSError as exc:
-            raise DestinationError(f"cannot move {name} into place: {_reason(exc)}") from None
+            raise DestinationError(f"cannot move {name} into place: {os_reason(exc)}") from None
 
     def finish(self) -> None:
         """Create the offered directories still missing (empty ones) and flush the renames.
@@ -358,7 +348,7 @@ class Destination:
                         os.close(fd)
                 except OSError as exc:
                     if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
-                        raise DestinationError(f"cannot flush {directory}: {_reason(exc)}") from None
+                        raise DestinationError(f"cannot flush {directory}: {os_reason(exc)}") from None
 
     @contextlib.contextmanager
     def all_or_nothing(self) -> Iterator[Destination]:

@@ -36,9 +36,9 @@ import attrs
 
 from peer.records import MAX_RECORD_SIZE
 from peer.source import SourceError
-from peer.source import _kind_of as _special_kind
-from peer.source import _reason
+from peer.source import kind_of_mode
 from peer.transfer import (
+    os_reason,
     DIRECTORY,
     FILE,
     MAX_ENTRIES,
@@ -1151,7 +1151,7 @@ def _single_file_records(
 
 
 def _kind_of(mode: int) -> str:
-    return "a symbolic link" if stat.S_ISLNK(mode) else _special_kind(mode)
+    return "a symbolic link" if stat.S_ISLNK(mode) else kind_of_mode(mode)
 
 
 def _open_regular(path: str, display: str) -> tuple[int, int]:
@@ -1159,12 +1159,12 @@ def _open_regular(path: str, display: str) -> tuple[int, int]:
     try:
         fd = os.open(path, os.O_RDONLY | _CLOEXEC | _NONBLOCK | _BINARY | _NOFOLLOW)
     except OSError as exc:
-        raise SourceError(f"cannot read {display}: {_reason(exc)}") from None
+        raise SourceError(f"cannot read {display}: {os_reason(exc)}") from None
     try:
         info = os.fstat(fd)
     except OSError as exc:
         os.close(fd)
-        raise SourceError(f"cannot read {display}: {_reason(exc)}") from None
+        raise SourceError(f"cannot read {display}: {os_reason(exc)}") from None
     if not stat.S_ISREG(info.st_mode):
         os.close(fd)
         raise SourceError(f"cannot send {display}: it is no longer a regular file")
@@ -1180,7 +1180,7 @@ def _read_file(fd: int, size: int, display: str) -> Iterator[memoryview]:
             try:
                 count = os.readv(fd, [view[: min(len(view), remaining)]])
             except OSError as exc:
-                raise SourceError(f"cannot read {display}: {_reason(exc)}") from None
+                raise SourceError(f"cannot read {display}: {os_reason(exc)}") from None
             if not count:
                 raise SourceError(f"{display} shrank while it was being read")
             remaining -= count
@@ -1188,7 +1188,7 @@ def _read_file(fd: int, size: int, display: str) -> Iterator[memoryview]:
         try:
             extra = os.read(fd, 1)
         except OSError as exc:
-            raise SourceError(f"cannot read {display}: {_reason(exc)}") from None
+            raise SourceError(f"cannot read {display}: {os_reason(exc)}") from None
         if extra:
             raise SourceError(f"{display} grew while it was being read")
 
@@ -1304,7 +1304,7 @@ def directory_pack(root: str | os.PathLike[str], name: str | None = None) -> Dir
     try:
         info = os.stat(top)
     except OSError as exc:
-        raise SourceError(f"cannot read {display_root}: {_reason(exc)}") from None
+        raise SourceError(f"cannot read {display_root}: {os_reason(exc)}") from None
     if not stat.S_ISDIR(info.st_mode):
         raise SourceError(f"cannot send {display_root} as a directory: it is not one")
 
@@ -1319,14 +1319,14 @@ def directory_pack(root: str | os.PathLike[str], name: str | None = None) -> Dir
             with os.scandir(folder.path) as listing:
                 children = sorted(listing, key=lambda child: child.name)
         except OSError as exc:
-            raise SourceError(f"cannot read {folder.display}: {_reason(exc)}") from None
+            raise SourceError(f"cannot read {folder.display}: {os_reason(exc)}") from None
         for child in children:
             child_name = f"{folder.name}/{child.name}"
             child_display = os.path.join(folder.display, child.name)
             try:
                 mode = child.stat(follow_symlinks=False).st_mode
             except OSError as exc:
-                raise SourceError(f"cannot read {child_display}: {_reason(exc)}") from None
+                raise SourceError(f"cannot read {child_display}: {os_reason(exc)}") from None
             if not (stat.S_ISDIR(mode) or stat.S_ISREG(mode)):
                 warnings.append(f"skipped {child_display}: it is {_kind_of(mode)}")
                 continue

@@ -16,7 +16,7 @@ from typing import Iterable, Mapping
 import attrs
 import blake3
 
-from peer.transfer import DIRECTORY, FILE, MAX_OFFER_BYTES, Offer, OfferEntry, format_size, name_problem
+from peer.transfer import DIRECTORY, FILE, MAX_OFFER_BYTES, Offer, OfferEntry, format_size, name_problem, os_reason
 
 __all__ = ["FileReader", "Selection", "SourceError", "scan"]
 
@@ -30,14 +30,7 @@ class SourceError(Exception):
     """A one-line reason why the selected paths cannot be sent (or stopped being sendable)."""
 
 
-def _reason(exc: OSError) -> str:
-    if exc.errno is None:
-        return str(exc)
-    text = os.strerror(exc.errno)
-    return text[:1].lower() + text[1:]
-
-
-def _kind_of(mode: int) -> str:
+def kind_of_mode(mode: int) -> str:
     if stat.S_ISFIFO(mode):
         return "a named pipe"
     if stat.S_ISSOCK(mode):
@@ -86,7 +79,7 @@ class _Builder:
         try:
             os.close(os.open(path, flags))
         except OSError as exc:
-            raise SourceError(f"cannot read {display}: {_reason(exc)}") from None
+            raise SourceError(f"cannot read {display}: {os_reason(exc)}") from None
         executable = bool(info.st_mode & stat.S_IXUSR)
         self.entries.append(OfferEntry(FILE, name, info.st_size, executable))
         self.origins[name] = _Origin(path, display, follow)
@@ -124,14 +117,14 @@ def scan(paths: Iterable[str | os.PathLike[str]]) -> Selection:
                 raise SourceError(f"cannot read {display}: it is a broken symbolic link") from None
             raise SourceError(f"cannot read {display}: no such file or directory") from None
         except OSError as exc:
-            raise SourceError(f"cannot read {display}: {_reason(exc)}") from None
+            raise SourceError(f"cannot read {display}: {os_reason(exc)}") from None
         _check_name(name, display)
         if stat.S_ISDIR(info.st_mode):
             _walk(builder, absolute, name, display)
         elif stat.S_ISREG(info.st_mode):
             builder.add_file(absolute, name, display, info, follow=True)
         else:
-            raise SourceError(f"cannot send {display}: it is {_kind_of(info.st_mode)}")
+            raise SourceError(f"cannot send {display}: it is {kind_of_mode(info.st_mode)}")
     if not top_names:
         raise SourceError("nothing to send")
     try:
@@ -157,7 +150,7 @@ def _walk(builder: _Builder, top_path: str, top_name: str, top_display: str) -> 
             with os.scandir(path) as listing:
                 children = sorted(listing, key=lambda child: child.name)
         except OSError as exc:
-            raise SourceError(f"cannot read {display}: {_reason(exc)}") from None
+            raise SourceError(f"cannot read {display}: {os_reason(exc)}") from None
         subdirectories = []
         for child in children:
             child_name = f"{name}/{child.name}"
@@ -168,7 +161,7 @@ def _walk(builder: _Builder, top_path: str, top_name: str, top_display: str) -> 
                     continue
                 info = child.stat(follow_symlinks=False)
             except OSError as exc:
-                raise SourceError(f"cannot read {child_display}: {_reason(exc)}") from None
+                raise SourceError(f"cannot read {child_display}: {os_reason(exc)}") from None
             if stat.S_ISDIR(info.st_mode):
                 _check_name(child_name, child_display)
                 subdirectories.append((child.path, child_name, child_display))
@@ -176,7 +169,7 @@ def _walk(builder: _Builder, top_path: str, top_name: str, top_display: str) -> 
                 _check_name(child_name, child_display)
                 builder.add_file(child.path, child_name, child_display, info, follow=False)
             else:
-                builder.warnings.append(f"skipped {child_display}: it is {_kind_of(info.st_mode)}")
+                builder.warnings.append(f"skipped {child_display}: it is {kind_of_mode(info.st_mode)}")
         pending.extend(reversed(subdirectories))
 
 
@@ -197,7 +190,7 @@ class FileReader:
         except OSError as exc:
             if exc.errno == errno.ELOOP and not follow_symlinks:
                 raise SourceError(f"cannot read {display}: it was replaced by a symbolic link") from None
-            raise SourceError(f"cannot read {display}: {_reason(exc)}") from None
+            raise SourceError(f"cannot read {display}: {os_reason(exc)}") from None
         try:
             info = os.fstat(fd)
             if not stat.S_ISREG(info.st_mode):
@@ -236,7 +229,7 @@ class FileReader:
         try:
             count = self._file.readinto(target)
         except OSError as exc:
-            raise SourceError(f"cannot read {self.display}: {_reason(exc)}") from None
+            raise SourceError(f"cannot read {self.display}: {os_reason(exc)}") from None
         if not count:
             raise SourceError(f"{self.display} shrank while it was being sent")
         self._hasher.update(target[:count])
@@ -251,7 +244,7 @@ class FileReader:
             extra = self._file.read(1)
             info = os.fstat(self._file.fileno())
         except OSError as exc:
-            raise SourceError(f"cannot read {self.display}: {_reason(exc)}") from None
+            raise SourceError(f"cannot read {self.display}: {os_reason(exc)}") from None
         if extra:
             raise SourceError(f"{self.display} grew while it was being sent")
         if info.st_size != self.size or info.st_mtime_ns != self._mtime:

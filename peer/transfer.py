@@ -14,8 +14,10 @@ also tell our first message from the start of bob's ``PACK`` stream.
 from __future__ import annotations
 
 import enum
+import errno
 import hashlib
 import json
+import os
 import re
 import struct
 from typing import ClassVar, Iterable, Union
@@ -58,6 +60,7 @@ __all__ = [
     "decode_message",
     "format_size",
     "name_problem",
+    "os_reason",
     "printable",
     "shown",
     "verification_string",
@@ -146,6 +149,16 @@ def name_problem(path: str) -> str | None:
         if _DRIVE_LETTER.match(component):
             return "looks like a Windows drive letter"
     return None
+
+
+def os_reason(error: OSError) -> str:
+    """An OSError as the end of a user's one-line message: "permission denied", "disk full"."""
+    if error.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        return "disk full"
+    if error.errno is None:
+        return str(error)
+    text = os.strerror(error.errno)
+    return text[:1].lower() + text[1:]
 
 
 def printable(text: str) -> str:
