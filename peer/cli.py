@@ -18,8 +18,8 @@ import trio
 from relay.server import ListenError, RelayConfig, serve
 
 from . import codes, handshake, transfer
-from .bob import BOB_WAIT, receive_pack, send_pack
 from .address import DEFAULT_PORT, DEFAULT_SECURE_PORT, AddressError, RelayAddress, parse_relay
+from .bob import BOB_WAIT, receive_pack, send_pack
 from .channel import Channel
 from .console import Console
 from .destination import Destination, DestinationError

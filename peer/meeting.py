@@ -31,7 +31,8 @@ class Meeting:
 
     paired: handshake.Paired
     own_identity: bytes
-    stream: trio.SocketStream
+    stream: trio.abc.Stream
+    """The secure room, over the relay address's transport (TCP, TLS or WebSocket)."""
 
 
 Notify = Callable[[handshake.Event], None]
@@ -58,9 +59,7 @@ async def meet(
         paired = await _run(link, machine, notify, decide, on_registered)
     finally:
         await link.aclose()
-    stream = await open_room(
-        link.peer_host, address.secure_port, paired.partner_identity, timeout=room_timeout
-    )
+    stream = await open_room(address, link.peer_host, paired.partner_identity, timeout=room_timeout)
     assert machine.identity is not None
     return Meeting(paired, machine.identity, stream)
 

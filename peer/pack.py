@@ -35,10 +35,8 @@ from typing import Iterable, Iterator, Union
 import attrs
 
 from peer.records import MAX_RECORD_SIZE
-from peer.source import SourceError
-from peer.source import kind_of_mode
+from peer.source import SourceError, kind_of_mode
 from peer.transfer import (
-    os_reason,
     DIRECTORY,
     FILE,
     MAX_ENTRIES,
@@ -47,6 +45,7 @@ from peer.transfer import (
     Offer,
     OfferEntry,
     name_problem,
+    os_reason,
     shown,
 )
 

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import errno
-import socket
-
 import trio
 
 from relay import wire
 
 from .address import RelayAddress
+from .transport import CONNECT_TIMEOUT, RelayError, connect, open_relay
 
-CONNECT_TIMEOUT = 15.0
+__all__ = ["CONNECT_TIMEOUT", "ROOM_STATUS", "RelayError", "RelayLink", "connect", "open_room"]
+
 ROOM_STATUS = {
     b"00": None,
     b"01": "the relay timed out waiting for our room ticket",
@@ -19,53 +18,21 @@ ROOM_STATUS = {
 }
 
 
-class RelayError(Exception):
-    """The relay cannot be reached, refused us, or went away; the message is for the user."""
-
-
-def _describe(error: BaseException) -> str:
-    if isinstance(error, socket.gaierror):
-        return "unknown host"
-    if isinstance(error, OSError):
-        if error.errno == errno.ECONNREFUSED:
-            return "connection refused"
-        if error.strerror:
-            return error.strerror.lower()
-        if error.__cause__ is not None:
-            # trio's happy eyeballs: "all attempts failed", the real reasons are the cause.
-            return _describe(error.__cause__)
-    if isinstance(error, BaseExceptionGroup):
-        return _describe(error.exceptions[0])
-    return str(error) or type(error).__name__
-
-
-async def connect(host: str, port: int, *, what: str = "the relay") -> trio.SocketStream:
-    """A TCP connection with a bounded wait and a message a user understands on failure."""
-    shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    try:
-        with trio.fail_after(CONNECT_TIMEOUT):
-            stream = await trio.open_tcp_stream(host, port)
-    except trio.TooSlowError:
-        raise RelayError(f"cannot reach {what} at {shown}: no answer in {CONNECT_TIMEOUT:.0f} s") from None
-    except (OSError, BaseExceptionGroup) as error:
-        raise RelayError(f"cannot reach {what} at {shown}: {_describe(error)}") from None
-    stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return stream
-
-
 class RelayLink:
     """The handshake-port connection: frames out, frames in, through the one wire codec."""
 
-    def __init__(self, stream: trio.SocketStream) -> None:
+    def __init__(self, stream: trio.abc.Stream, peer_host: str) -> None:
         self.stream = stream
         self._parser = wire.Parser()
         # The secure room must be reached at the very address the handshake used (bob does
         # the same): a host name could resolve to another relay behind a load balancer.
-        self.peer_host: str = stream.socket.getpeername()[0]
+        self.peer_host = peer_host
 
     @classmethod
     async def open(cls, address: RelayAddress) -> RelayLink:
-        return cls(await connect(address.host, address.port))
+        """Over whichever transport the address names (TCP, TLS, WebSocket)."""
+        connected = await open_relay(address)
+        return cls(connected.stream, connected.peer_host)
 
     async def send(self, frames: list[wire.Frame]) -> None:
         if not frames:
@@ -98,13 +65,14 @@ class RelayLink:
 
 
 async def open_room(
-    host: str, secure_port: int, partner_identity: bytes, *, timeout: float = 120.0
-) -> trio.SocketStream:
-    """Present the partner's identity to the secure port and wait for the relay's ``00``.
+    address: RelayAddress, host: str, partner_identity: bytes, *, timeout: float = 120.0
+) -> trio.abc.Stream:
+    """Present the partner's identity to the secure room and wait for the relay's ``00``.
 
-    The ticket is the partner's identity, not ours: that is what bob's relay pairs on.
+    ``host`` is the address the handshake reached. The ticket is the partner's identity,
+    not ours: that is what bob's relay pairs on.
     """
-    stream = await connect(host, secure_port, what="the relay's secure port")
+    stream = (await open_relay(address, room=True, peer_host=host)).stream
     try:
         with trio.fail_after(timeout):
             await stream.send_all(partner_identity + b"\n")

@@ -10,6 +10,7 @@ import sys
 import trio
 
 from relay.server import DEFAULT_HOSTS, ListenError, RelayConfig, serve
+from relay.transports import CertificateError, trusted_network
 
 PROG = "peer-relay"
 
@@ -32,6 +33,13 @@ def _port(text: str) -> int:
     if not 0 <= value <= 65535:
         raise argparse.ArgumentTypeError(f"port must be 0-65535: {text!r}")
     return value
+
+
+def _network(text: str):
+    try:
+        return trusted_network(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,6 +80,33 @@ def build_parser() -> argparse.ArgumentParser:
         help="how long a secure-room connection has to name its partner, and both peers "
              "have to join their room after the receiver accepts (default: %(default)s)",
     )
+    parser.add_argument(
+        "--ws-port", type=_port, default=None, metavar="PORT",
+        help="also serve both protocols over WebSocket on this port, at the paths /handshake "
+             "and /room, for peers behind proxies that only let HTTP(S) out "
+             "(default: off; 0 picks a free port)",
+    )
+    parser.add_argument(
+        "--tls-cert", metavar="FILE",
+        help="PEM certificate chain: every port then speaks TLS (the WebSocket port wss://); "
+             "peers use tls://HOST:PORT or wss://HOST:PORT/",
+    )
+    parser.add_argument(
+        "--tls-key", metavar="FILE",
+        help="PEM private key of --tls-cert, if it is not in the same file",
+    )
+    parser.add_argument(
+        "--trust-proxy", dest="trusted_proxies", action="append", type=_network, default=[],
+        metavar="ADDR",
+        help="a reverse proxy (address or network, e.g. 127.0.0.1 or 10.0.0.0/8) whose "
+             "X-Real-IP / X-Forwarded-For headers name the WebSocket peers it forwards; "
+             "repeat for several. From anyone else these headers are ignored",
+    )
+    parser.add_argument(
+        "--upgrade-timeout", type=_seconds, default=defaults.upgrade_timeout, metavar="SECONDS",
+        help="how long a new connection has to finish its TLS handshake and WebSocket "
+             "upgrade (default: %(default)s)",
+    )
     verbosity = parser.add_mutually_exclusive_group()
     verbosity.add_argument("-v", "--verbose", action="store_true",
                            help="log every packet-level decision (debug)")
@@ -102,6 +137,8 @@ async def _run(config: RelayConfig) -> str | None:
                     config, stop=stop, task_status=task_status))
             except ListenError as error:
                 return error.strerror
+            except CertificateError as error:
+                return str(error)
             # Printed even with -q: scripts that ask for port 0 read the real ports here.
             print(f"{PROG}: listening on {ports.describe()}", flush=True)
             async for signum in signals:
@@ -122,6 +159,11 @@ def main(argv: list[str] | None = None) -> int:
             timeout=args.timeout,
             hello_timeout=args.hello_timeout,
             room_timeout=args.room_timeout,
+            ws_port=args.ws_port,
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
+            trusted_proxies=tuple(args.trusted_proxies),
+            upgrade_timeout=args.upgrade_timeout,
         )
     except ValueError as error:
         print(f"{PROG}: {error}", file=sys.stderr)

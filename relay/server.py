@@ -7,7 +7,13 @@ beside it whenever it has bytes to send, so that a peer which does not read cann
 anyone else: its outgoing bytes wait in a small outbox, and a peer whose outbox overflows
 is cut off as too slow (bounded memory instead of unbounded buffering).
 
+Both ports may also be reached over TLS (``tls_cert``) and over WebSocket (``ws_port``, one
+port for both protocols, told apart by the request path); ``relay.transports`` turns each
+accepted connection into an ``Endpoint`` (a byte stream and an identity), so everything
+below serves every transport alike and rooms pair across transports.
+
 Timers (all from the moment of connecting):
+- TLS and WebSocket: ``upgrade_timeout`` to finish the TLS handshake and the HTTP upgrade;
 - handshake port: ``hello_timeout`` to say Hello, then ``timeout`` in all (bob's 3600 s);
 - secure port: ``room_timeout`` to send the ticket line (else ``01``), and a booked room
   must be joined by both peers within ``room_timeout`` of the receiver's Accepted (else the
@@ -21,6 +27,8 @@ import errno
 import logging
 import math
 import socket
+import ssl
+from functools import partial
 from typing import Awaitable, Callable, Iterable
 
 import attrs
@@ -30,6 +38,15 @@ from relay import wire
 from relay.core import Close, Output, Relay, Send
 from relay.pipe import blind_pipe
 from relay.rooms import Invalid, Paired, RoomBook, Waiting
+from relay.transports import (
+    Endpoint,
+    Network,
+    open_endpoint,
+    open_websocket,
+    server_tls_context,
+    stream_pipe,
+    trusted_network,
+)
 
 try:
     import resource
@@ -81,6 +98,15 @@ def _port(instance: object, attribute: attrs.Attribute, value: int) -> None:
         raise ValueError(f"{attribute.name} must be 0-65535, not {value!r}")
 
 
+def _optional_port(instance: object, attribute: attrs.Attribute, value: int | None) -> None:
+    if value is not None:
+        _port(instance, attribute, value)
+
+
+def _networks(values: Iterable[str | Network]) -> tuple[Network, ...]:
+    return tuple(v if not isinstance(v, str) else trusted_network(v) for v in values)
+
+
 def _outbox(instance: object, attribute: attrs.Attribute, value: int) -> None:
     if value < wire.MAX_PACKET:
         raise ValueError(f"max_outbox must hold at least one packet ({wire.MAX_PACKET} bytes)")
@@ -112,6 +138,21 @@ class RelayConfig:
     Keep it well above one burst: a single 4 KiB read from a sender repeating its Hello can
     queue about 6 KB of announcements for each receiver before their writers get to run.
     """
+    ws_port: int | None = attrs.field(default=None, validator=_optional_port)
+    """WebSocket port for both protocols (paths ``/handshake`` and ``/room``); None: off."""
+    tls_cert: str | None = None
+    """PEM certificate chain: with it, every port speaks TLS (the WebSocket port wss)."""
+    tls_key: str | None = None
+    """PEM private key, if not in ``tls_cert``."""
+    trusted_proxies: tuple[Network, ...] = attrs.field(default=(), converter=_networks)
+    """Reverse proxies (addresses or networks) whose ``X-Real-IP`` / ``X-Forwarded-For`` name
+    a WebSocket peer; from anyone else those headers are ignored."""
+    upgrade_timeout: float = attrs.field(default=10.0, validator=_positive)
+    """Time for a new connection to finish its TLS handshake and its WebSocket upgrade."""
+
+    def __attrs_post_init__(self) -> None:
+        if self.tls_key is not None and self.tls_cert is None:
+            raise ValueError("a TLS key needs a TLS certificate (tls_cert)")
 
 
 @attrs.frozen
@@ -120,6 +161,8 @@ class BoundPorts:
 
     handshake: tuple[tuple[str, int], ...]
     secure: tuple[tuple[str, int], ...]
+    websocket: tuple[tuple[str, int], ...] = ()
+    tls: bool = False
 
     @property
     def port(self) -> int:
@@ -129,11 +172,18 @@ class BoundPorts:
     def secure_port(self) -> int:
         return self.secure[0][1]
 
+    @property
+    def ws_port(self) -> int | None:
+        return self.websocket[0][1] if self.websocket else None
+
     def describe(self) -> str:
         def addresses(pairs: Iterable[tuple[str, int]]) -> str:
             return ", ".join(_show_address(host, port) for host, port in pairs)
 
-        return f"{addresses(self.handshake)} (handshake) and {addresses(self.secure)} (secure room)"
+        text = f"{addresses(self.handshake)} (handshake) and {addresses(self.secure)} (secure room)"
+        if self.websocket:
+            text += f", {addresses(self.websocket)} (websocket)"
+        return text + (", with TLS" if self.tls else "")
 
 
 class ListenError(OSError):
@@ -166,25 +216,32 @@ async def serve(
 ) -> None:
     """Run the relay until ``stop`` is set, then shut down cleanly and return.
 
-    ``task_status.started`` receives the ``BoundPorts`` once both ports listen. A port that
-    cannot be bound raises ``ListenError`` before that. Cancelling ``serve`` instead of
-    setting ``stop`` drops every connection at once, without telling peers.
+    ``task_status.started`` receives the ``BoundPorts`` once every port listens. A port that
+    cannot be bound raises ``ListenError`` before that, an unusable certificate
+    ``relay.transports.CertificateError``. Cancelling ``serve`` instead of setting ``stop`` drops every
+    connection at once, without telling peers.
     """
+    tls = None if config.tls_cert is None else server_tls_context(config.tls_cert, config.tls_key)
     limit = raise_open_file_limit()
     if limit is not None:
         log.info("open-file limit: %d", limit)
-    handshake_listeners = await _listen(config.hosts, config.port)
+    listening: list[trio.SocketListener] = []
     try:
+        handshake_listeners = await _listen(config.hosts, config.port)
+        listening += handshake_listeners
         secure_listeners = await _listen(config.hosts, config.secure_port)
-    except BaseException:
-        for listener in handshake_listeners:
-            await trio.aclose_forcefully(listener)
-        raise
-    ports = BoundPorts(_bound(handshake_listeners), _bound(secure_listeners))
-    try:
-        await _Server(config).run(handshake_listeners, secure_listeners, stop, ports, task_status)
+        listening += secure_listeners
+        websocket_listeners: list[trio.SocketListener] = []
+        if config.ws_port is not None:
+            websocket_listeners = await _listen(config.hosts, config.ws_port)
+            listening += websocket_listeners
+        ports = BoundPorts(_bound(handshake_listeners), _bound(secure_listeners),
+                           _bound(websocket_listeners), tls is not None)
+        server = _Server(config, tls)
+        await server.run(handshake_listeners, secure_listeners, websocket_listeners, stop, ports,
+                         task_status)
     finally:
-        for listener in handshake_listeners + secure_listeners:  # closing twice is harmless
+        for listener in listening:  # closing twice is harmless
             await trio.aclose_forcefully(listener)
 
 
@@ -221,11 +278,6 @@ def _bound(listeners: list[trio.SocketListener]) -> tuple[tuple[str, int], ...]:
     return tuple(listener.socket.getsockname()[:2] for listener in listeners)
 
 
-def _identity(stream: trio.SocketStream) -> bytes:
-    host, port = stream.socket.getpeername()[:2]
-    return wire.identity_of(host, port)
-
-
 def _text(identity: bytes) -> str:
     return identity.decode("ascii", "replace")
 
@@ -234,7 +286,7 @@ def _text(identity: bytes) -> str:
 class _HandshakeConnection:
     """One handshake-port peer as the driver sees it; the core knows it by this object."""
 
-    stream: trio.SocketStream
+    endpoint: Endpoint
     identity: bytes
     connected_at: float
     tasks: trio.Nursery | None = None
@@ -252,6 +304,10 @@ class _HandshakeConnection:
     broken: bool = False
     """A write failed: the peer cannot be told anything more."""
 
+    @property
+    def stream(self) -> trio.abc.Stream:
+        return self.endpoint.stream
+
     def unsent(self) -> int:
         return len(self.outbox) + self.in_flight
 
@@ -268,7 +324,7 @@ class _HandshakeConnection:
 class _Seat:
     """A secure-port connection that sent a good ticket and waits for its partner."""
 
-    stream: trio.SocketStream
+    endpoint: Endpoint
     identity: bytes
     waiting: trio.CancelScope = attrs.Factory(trio.CancelScope)
     outcome: str | None = None
@@ -288,8 +344,9 @@ class _Seat:
 class _Server:
     """The running relay: one core, its connections, and who owns which task."""
 
-    def __init__(self, config: RelayConfig) -> None:
+    def __init__(self, config: RelayConfig, tls: ssl.SSLContext | None = None) -> None:
         self.config = config
+        self.tls = tls
         self.rooms = RoomBook(ttl=config.room_timeout)
         self.relay = Relay(self.rooms)
         self._janitor_wake = trio.Event()
@@ -300,6 +357,7 @@ class _Server:
         self,
         handshake_listeners: list[trio.SocketListener],
         secure_listeners: list[trio.SocketListener],
+        websocket_listeners: list[trio.SocketListener],
         stop: trio.Event | None,
         ports: BoundPorts,
         task_status: trio.TaskStatus[BoundPorts],
@@ -314,10 +372,16 @@ class _Server:
                     async with trio.open_nursery() as acceptors:
                         for listener in handshake_listeners:
                             acceptors.start_soon(
-                                self._accept, listener, handshake_tasks, self._serve_handshake)
+                                self._accept, listener, handshake_tasks, self._accept_handshake)
                         for listener in secure_listeners:
                             acceptors.start_soon(
-                                self._accept, listener, secure_tasks, self._serve_secure)
+                                self._accept, listener, secure_tasks, self._accept_secure)
+                        # A WebSocket's port is known after its upgrade: it is upgraded among
+                        # the handshake tasks, and a room connection moves to the secure ones.
+                        for listener in websocket_listeners:
+                            acceptors.start_soon(
+                                self._accept, listener, handshake_tasks,
+                                partial(self._accept_websocket, secure_tasks))
                         log.info("listening on %s", ports.describe())
                         task_status.started(ports)
                         if stop is None:
@@ -354,18 +418,31 @@ class _Server:
 
     # -- handshake port -------------------------------------------------------------------
 
-    async def _serve_handshake(self, stream: trio.SocketStream) -> None:
-        try:
-            identity = _identity(stream)
-        except (OSError, ValueError) as error:
-            log.info("handshake connection lost before it could be named: %s", error)
-            stream.socket.close()
+    async def _accept_handshake(self, tcp: trio.SocketStream) -> None:
+        endpoint = await open_endpoint(tcp, self.tls, self.config.upgrade_timeout)
+        if endpoint is not None:
+            await self._serve_handshake(endpoint)
+
+    async def _accept_websocket(self, secure_tasks: trio.Nursery, tcp: trio.SocketStream) -> None:
+        arrival = await open_websocket(
+            tcp, self.tls, self.config.upgrade_timeout, self.config.trusted_proxies)
+        if arrival is None:
             return
         if self._stopping:
-            stream.socket.close()
+            arrival.endpoint.abort()
+        elif arrival.route == "handshake":
+            await self._serve_handshake(arrival.endpoint)
+        else:
+            # Nothing of a WebSocket runs in this task, so the connection can change hands.
+            secure_tasks.start_soon(self._serve_secure, arrival.endpoint)
+
+    async def _serve_handshake(self, endpoint: Endpoint) -> None:
+        identity = endpoint.identity
+        if self._stopping:
+            endpoint.abort()
             return
-        conn = _HandshakeConnection(stream, identity, trio.current_time())
-        log.info("handshake connection from %s", _text(identity))
+        conn = _HandshakeConnection(endpoint, identity, trio.current_time())
+        log.info("handshake connection from %s (%s)", _text(identity), endpoint.transport)
         try:
             async with trio.open_nursery() as tasks:
                 conn.tasks = tasks
@@ -376,7 +453,7 @@ class _Server:
                 # Leaving the nursery waits for the writer to deliver the last packets.
                 tasks.cancel_scope.deadline = trio.current_time() + CLOSE_GRACE
             if not tasks.cancel_scope.cancelled_caught and not conn.broken:
-                await _say_goodbye(stream)
+                await endpoint.goodbye(LINGER, reason=conn.closing or "")
         except Exception:
             log.exception("handshake connection %s failed", _text(identity))
         finally:
@@ -386,7 +463,7 @@ class _Server:
                 self._deliver(self.relay.disconnect(conn))
             except Exception:
                 log.exception("forgetting %s failed", _text(identity))
-            stream.socket.close()
+            endpoint.abort()
             log.info("closed %s: %s", _text(identity), conn.closing or "dropped")
 
     async def _read(self, conn: _HandshakeConnection) -> None:
@@ -458,54 +535,54 @@ class _Server:
 
     # -- secure port ----------------------------------------------------------------------
 
-    async def _serve_secure(self, stream: trio.SocketStream) -> None:
-        try:
-            identity = _identity(stream)
-        except (OSError, ValueError) as error:
-            log.info("secure-port connection lost before it could be named: %s", error)
-            stream.socket.close()
-            return
+    async def _accept_secure(self, tcp: trio.SocketStream) -> None:
+        endpoint = await open_endpoint(tcp, self.tls, self.config.upgrade_timeout)
+        if endpoint is not None:
+            await self._serve_secure(endpoint)
+
+    async def _serve_secure(self, endpoint: Endpoint) -> None:
+        identity = endpoint.identity
         who = _text(identity)
-        owned = [stream]
+        owned = [endpoint]
         try:
             with trio.move_on_after(self.config.room_timeout) as line_timer:
-                ticket = await _read_ticket(stream)
+                ticket = await _read_ticket(endpoint.stream)
             if line_timer.cancelled_caught:
                 log.info("secure port %s: no ticket in time", who)
-                await _send_status(stream, ROOM_TIMEOUT)
+                await _send_status(endpoint, ROOM_TIMEOUT)
                 return
             if ticket is None:
                 log.info("secure port %s: no valid ticket line", who)
-                await _send_status(stream, ROOM_INVALID)
+                await _send_status(endpoint, ROOM_INVALID)
                 return
-            seat = _Seat(stream, identity)
+            seat = _Seat(endpoint, identity)
             arrival = self.rooms.arrive(seat, ticket, trio.current_time())
             self._rooms_changed()
             if isinstance(arrival, Invalid):
                 log.info("secure port %s: ticket %s refused (%s)", who, _text(ticket),
                          arrival.reason)
-                await _send_status(stream, ROOM_INVALID)
+                await _send_status(endpoint, ROOM_INVALID)
             elif isinstance(arrival, Waiting):
                 log.info("secure port %s: waiting for %s", who, _text(ticket))
                 owned = await self._wait_for_partner(seat)
             elif isinstance(arrival, Paired):
                 partner: _Seat = arrival.partner
                 partner.end_wait("paired")
-                owned.append(partner.stream)
+                owned.append(partner.endpoint)
                 await partner.released.wait()
                 await self._open_room(partner, seat)
                 owned = []  # blind_pipe closed both
         except Exception:
             log.exception("secure-port connection %s failed", who)
         finally:
-            for owned_stream in owned:
-                owned_stream.socket.close()
+            for owned_endpoint in owned:
+                owned_endpoint.abort()
 
-    async def _wait_for_partner(self, seat: _Seat) -> list[trio.SocketStream]:
-        """Hold the socket until the partner's task takes it; return what is still ours."""
+    async def _wait_for_partner(self, seat: _Seat) -> list[Endpoint]:
+        """Hold the connection until the partner's task takes it; return what is still ours."""
         try:
             with seat.waiting:
-                await _hangup(seat.stream)
+                await seat.endpoint.wait_hangup()
             if seat.outcome == "paired":
                 return []
             if seat.outcome == "expired":
@@ -514,22 +591,26 @@ class _Server:
                 seat.outcome = "left"
                 log.info("secure port %s: left before its partner came", _text(seat.identity))
                 self.rooms.leave(seat)
-            return [seat.stream]
+            return [seat.endpoint]
         finally:
             if seat.outcome is None:  # cancelled (shutdown): the seat must not be paired later
                 self.rooms.leave(seat)
             seat.released.set()
 
     async def _open_room(self, first: _Seat, second: _Seat) -> None:
+        a, b = first.endpoint, second.endpoint
         names = f"{_text(first.identity)} and {_text(second.identity)}"
         for seat in (first, second):
-            if not await _send_status(seat.stream, ROOM_READY, close=False):
+            if not await _send_status(seat.endpoint, ROOM_READY, close=False):
                 log.info("room for %s not opened: a peer is gone", names)
-                first.stream.socket.close()
-                second.stream.socket.close()
+                a.abort()
+                b.abort()
                 return
-        log.info("room open between %s", names)
-        stats = await blind_pipe(first.stream, second.stream)
+        log.info("room open between %s (%s to %s)", names, a.transport, b.transport)
+        if a.plain and b.plain:
+            stats = await blind_pipe(a.stream, b.stream)  # kernel splice: bytes stay in the kernel
+        else:
+            stats = await stream_pipe(a, b)
         log.info("room closed between %s: %d bytes one way, %d the other, ended by %s (%s)",
                  names, stats.a_to_b, stats.b_to_a,
                  {"a": _text(first.identity), "b": _text(second.identity)}.get(
@@ -555,7 +636,7 @@ class _Server:
                 seat.end_wait("expired")
 
 
-async def _read_ticket(stream: trio.SocketStream) -> bytes | None:
+async def _read_ticket(stream: trio.abc.Stream) -> bytes | None:
     """The partner identity line, or None for EOF or no ``\\n`` within the first 100 bytes.
 
     Reads never go past those 100 bytes, so whatever a peer sends later waits in the socket
@@ -576,39 +657,17 @@ async def _read_ticket(stream: trio.SocketStream) -> bytes | None:
     return None
 
 
-async def _send_status(stream: trio.SocketStream, status: bytes, *, close: bool = True) -> bool:
+async def _send_status(endpoint: Endpoint, status: bytes, *, close: bool = True) -> bool:
     """Write a two-byte secure-port status; say whether it went out."""
     sent = False
     with trio.move_on_after(STATUS_TIMEOUT):
         try:
-            await stream.send_all(status)
+            await endpoint.stream.send_all(status)
             sent = True
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
     if close:
         if sent:
-            await _say_goodbye(stream)
-        stream.socket.close()
+            await endpoint.goodbye(LINGER)
+        endpoint.abort()
     return sent
-
-
-async def _say_goodbye(stream: trio.SocketStream) -> None:
-    """Close after our last bytes without a reset destroying them (see ``LINGER``)."""
-    with trio.move_on_after(LINGER):
-        try:
-            await stream.send_eof()
-            while await stream.receive_some(RECEIVE_SIZE):
-                pass
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
-    stream.socket.close()
-
-
-async def _hangup(stream: trio.SocketStream) -> None:
-    """Return when a waiting peer hangs up; data it sends early is left for the pipe."""
-    try:
-        data = await stream.socket.recv(1, socket.MSG_PEEK)
-    except OSError:
-        return
-    if data:
-        await trio.sleep_forever()  # it talks before "00"; it is its problem, not a hangup
