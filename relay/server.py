@@ -29,7 +29,7 @@ import math
 import socket
 import ssl
 from functools import partial
-from typing import Awaitable, Callable, Iterable
+from typing import Awaitable, Callable, Iterable, TypeVar
 
 import attrs
 import trio
@@ -78,6 +78,8 @@ STATUS_TIMEOUT = 5.0
 ACCEPT_PAUSE = 0.1
 """Seconds to wait before accepting again when the system is out of descriptors or memory."""
 _OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+
+T = TypeVar("T")
 
 ROOM_READY = b"00"
 ROOM_TIMEOUT = b"01"
@@ -419,13 +421,13 @@ class _Server:
     # -- handshake port -------------------------------------------------------------------
 
     async def _accept_handshake(self, tcp: trio.SocketStream) -> None:
-        endpoint = await open_endpoint(tcp, self.tls, self.config.upgrade_timeout)
+        endpoint = await _opened(open_endpoint(tcp, self.tls, self.config.upgrade_timeout), tcp)
         if endpoint is not None:
             await self._serve_handshake(endpoint)
 
     async def _accept_websocket(self, secure_tasks: trio.Nursery, tcp: trio.SocketStream) -> None:
-        arrival = await open_websocket(
-            tcp, self.tls, self.config.upgrade_timeout, self.config.trusted_proxies)
+        arrival = await _opened(open_websocket(
+            tcp, self.tls, self.config.upgrade_timeout, self.config.trusted_proxies), tcp)
         if arrival is None:
             return
         if self._stopping:
@@ -474,7 +476,9 @@ class _Server:
             while True:
                 try:
                     data = await conn.stream.receive_some(RECEIVE_SIZE)
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                except (trio.BrokenResourceError, trio.ClosedResourceError) as error:
+                    if str(error):  # a WebSocket says why it ended (a text message...)
+                        log.info("%s: %s", _text(conn.identity), error)
                     data = b""
                 if not data:
                     self._deliver(self.relay.disconnect(conn))
@@ -536,7 +540,7 @@ class _Server:
     # -- secure port ----------------------------------------------------------------------
 
     async def _accept_secure(self, tcp: trio.SocketStream) -> None:
-        endpoint = await open_endpoint(tcp, self.tls, self.config.upgrade_timeout)
+        endpoint = await _opened(open_endpoint(tcp, self.tls, self.config.upgrade_timeout), tcp)
         if endpoint is not None:
             await self._serve_secure(endpoint)
 
@@ -634,6 +638,16 @@ class _Server:
                 await self._janitor_wake.wait()
             for seat in self.rooms.expire(trio.current_time()):
                 seat.end_wait("expired")
+
+
+async def _opened(opening: Awaitable[T], tcp: trio.SocketStream) -> T | None:
+    """Run a connection's opening (TLS, upgrade); a bug there must not take the relay down."""
+    try:
+        return await opening
+    except Exception:
+        log.exception("opening a connection failed")
+        tcp.socket.close()
+        return None
 
 
 async def _read_ticket(stream: trio.abc.Stream) -> bytes | None:

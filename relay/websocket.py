@@ -1,0 +1,359 @@
+"""WebSocket as a byte stream, so that the relay's protocols pass where only HTTPS does.
+
+Binary messages carry exactly the bytes of the TCP protocols; message boundaries mean
+nothing (a packet may span messages, a message may hold several packets). So a
+``WebSocketStream`` is a ``trio.abc.Stream`` like any socket, and the relay's handshake
+core, its room pairing and its pipe serve it unchanged; peers use the same class.
+
+wsproto does the framing, sans-I/O; this module only moves bytes between it and a trio
+stream (TCP or TLS), in the caller's task. Nothing runs in the background: a reader task
+with a message queue (as trio-websocket has) would need a nursery that outlives the peer's
+``meet()``, and would hold a message more per connection in the relay.
+
+Memory stays bounded whatever the other side sends: one transport read at a time is
+decoded (frames are decoded as they arrive, not assembled), and nothing more is read until
+the caller took those bytes. What is not allowed ends the connection with a Close frame
+whose code and reason say why: a text message (1003), a message over ``MAX_MESSAGE`` (1009),
+a malformed frame (wsproto's code).
+"""
+
+from __future__ import annotations
+
+import collections
+import http
+
+import trio
+import wsproto
+import wsproto.utilities
+from wsproto.connection import ConnectionState
+from wsproto.events import (
+    AcceptConnection,
+    BytesMessage,
+    CloseConnection,
+    Ping,
+    RejectConnection,
+    RejectData,
+    Request,
+    TextMessage,
+)
+from wsproto.frame_protocol import CloseReason
+
+MAX_MESSAGE = 1 << 20
+"""The largest message accepted. Ours are at most ``SEND_SIZE``; it bounds what a peer can
+make us decode before we see the end of a message."""
+SEND_SIZE = 256 * 1024
+"""The largest message we send: a big write becomes several messages."""
+RECEIVE_SIZE = 64 * 1024
+"""Transport bytes decoded at a time, the most a connection holds beyond the caller's read."""
+MAX_REJECT_BODY = 1024
+"""How much of a refusal's HTTP body a client reads, to quote it."""
+CLOSE_WAIT = 2.0
+"""Seconds ``aclose`` waits for the other side to answer our Close frame."""
+
+_CLEAN_CODES = frozenset({
+    CloseReason.NORMAL_CLOSURE,
+    CloseReason.GOING_AWAY,
+    CloseReason.NO_STATUS_RCVD,
+    CloseReason.ABNORMAL_CLOSURE,
+})
+"""Endings read as a plain end of stream. 1006 is a TCP close without a Close frame: that is
+how TCP peers end, and our peers end so too (their channel's end marker came before)."""
+
+
+class WebSocketError(Exception):
+    """The upgrade failed (refused, malformed, not a WebSocket server); the message says why."""
+
+
+class WebSocketStream(trio.abc.Stream):
+    """An open WebSocket connection read and written as a stream of bytes.
+
+    ``closed_by`` says, once the connection ended, who ended it and why (for logs).
+    One task may send while another receives, as with any trio stream.
+    """
+
+    def __init__(self, transport: trio.abc.Stream, connection: wsproto.WSConnection) -> None:
+        self.transport = transport
+        self._ws = connection
+        self._ready: collections.deque[bytes] = collections.deque()
+        """Decoded payload not yet handed to the caller, as wsproto gave it (no copies)."""
+        self._message_size = 0
+        self._ended: str | None = None
+        """Set when no more payload will come: ``""`` for a clean end, else the reason."""
+        self._control: list[bytes] = []
+        """Frames to answer (pong, close) queued while a send held the transport."""
+        self._sending = trio.StrictFIFOLock()
+        self.closed_by: str | None = None
+
+    # -- receiving ------------------------------------------------------------------------
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        while not self._ready:
+            if self._ended is not None:
+                await trio.lowlevel.checkpoint()
+                if self._ended:
+                    raise trio.BrokenResourceError(self._ended)
+                return b""
+            await self._decode_more()
+        chunk = self._ready[0]
+        if max_bytes is None or len(chunk) <= max_bytes:
+            return self._ready.popleft()
+        self._ready[0] = chunk[max_bytes:]
+        return chunk[:max_bytes]
+
+    async def _decode_more(self) -> None:
+        try:
+            data = await self.transport.receive_some(RECEIVE_SIZE)
+        except trio.BrokenResourceError as error:
+            self._end(f"connection lost: {_why(error)}", "the connection broke")
+            return
+        # Decode everything first, without waiting: if the caller is cancelled afterwards
+        # (a room's waiting half is, when its partner comes), no decoded byte is lost.
+        self._ws.receive_data(data or None)  # None: the transport ended (close code 1006)
+        for event in self._ws.events():
+            if isinstance(event, BytesMessage):
+                self._message_size += len(event.data)
+                if self._message_size > MAX_MESSAGE:
+                    self._refuse(CloseReason.MESSAGE_TOO_BIG, f"message larger than {MAX_MESSAGE} bytes")
+                    break
+                if event.message_finished:
+                    self._message_size = 0
+                if event.data:
+                    self._ready.append(bytes(event.data))
+            elif isinstance(event, TextMessage):
+                self._refuse(CloseReason.UNSUPPORTED_DATA, "only binary messages are accepted")
+                break
+            elif isinstance(event, Ping):
+                self._control.append(self._ws.send(event.response()))
+            elif isinstance(event, CloseConnection):
+                self._closed_by_peer(event)
+                break
+            # Pongs (we never ping) and anything else carry nothing for the stream.
+        await self._send_control()
+
+    def _closed_by_peer(self, event: CloseConnection) -> None:
+        state = self._ws.state
+        if state is ConnectionState.OPEN:
+            # wsproto hands a malformed frame to us as a CloseConnection to send.
+            self._refuse(event.code, event.reason or "malformed frame")
+            return
+        if state is ConnectionState.REMOTE_CLOSING:
+            self._control.append(self._ws.send(event.response()))
+        code = int(event.code)
+        if code == CloseReason.ABNORMAL_CLOSURE:
+            self._end("", "closed by the other side (no Close frame)")
+        elif code in _CLEAN_CODES:
+            self._end("", f"closed by the other side ({code})")
+        else:
+            reason = f"{code} {event.reason}" if event.reason else str(code)
+            self._end(f"the other side closed the WebSocket: {reason}",
+                      f"closed by the other side: {reason}")
+
+    def _refuse(self, code: int, reason: str) -> None:
+        """End the connection because of what the other side sent, telling it why."""
+        self._end(f"WebSocket closed: {reason}", f"closed by us ({int(code)}): {reason}")
+        if self._ws.state is ConnectionState.OPEN:
+            self._control.append(self._ws.send(CloseConnection(code=code, reason=reason)))
+
+    def _end(self, error: str, closed_by: str) -> None:
+        if self._ended is None:
+            self._ended = error
+            self.closed_by = closed_by
+
+    # -- sending --------------------------------------------------------------------------
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        if self._ws.state is not ConnectionState.OPEN:
+            await trio.lowlevel.checkpoint()
+            raise trio.BrokenResourceError(self._ended or "the WebSocket is closed")
+        view = memoryview(data)
+        async with self._sending:
+            for start in range(0, len(view), SEND_SIZE):
+                try:
+                    frame = self._ws.send(BytesMessage(data=bytes(view[start:start + SEND_SIZE])))
+                except wsproto.utilities.LocalProtocolError:  # closed meanwhile by the receiver
+                    raise trio.BrokenResourceError(self._ended or "the WebSocket is closed") from None
+                await self._transmit(frame)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.transport.wait_send_all_might_not_block()
+
+    async def _send_control(self) -> None:
+        """Send queued control frames (pong, close) now, unless a running send_all holds the
+        transport: it sends them before its next frame, so a receive never waits for a send."""
+        if not self._control or self._sending.locked():
+            return
+        async with self._sending:
+            try:
+                await self._transmit(b"")
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass  # the end of the stream says the rest
+
+    async def _transmit(self, frame: bytes) -> None:
+        """Write queued control frames and ``frame``; the caller holds ``_sending``."""
+        if self._control:
+            frame = b"".join(self._control) + frame
+            self._control.clear()
+        if frame:
+            await self.transport.send_all(frame)
+
+    # -- closing --------------------------------------------------------------------------
+
+    async def close_gracefully(self, code: int = CloseReason.NORMAL_CLOSURE, reason: str = "",
+                               *, wait: float = CLOSE_WAIT) -> None:
+        """Send a Close frame, read (and drop) until the other side answers or ``wait`` passes,
+        then close the transport; so that nothing we sent is lost to a reset."""
+        try:
+            with trio.move_on_after(wait):
+                async with self._sending:  # also sends a queued answer to their Close
+                    frame = b""
+                    if self._ws.state is ConnectionState.OPEN:
+                        frame = self._ws.send(CloseConnection(code=code, reason=reason or None))
+                        self._end("the WebSocket is closed", f"closed by us ({int(code)}) {reason}".rstrip())
+                    await self._transmit(frame)
+                while self._ws.state is not ConnectionState.CLOSED:
+                    data = await self.transport.receive_some(RECEIVE_SIZE)
+                    if not data:
+                        break
+                    self._ws.receive_data(data)
+                    for _ in self._ws.events():
+                        pass
+        except (trio.BrokenResourceError, trio.ClosedResourceError, wsproto.utilities.LocalProtocolError):
+            pass
+        finally:
+            await trio.aclose_forcefully(self.transport)
+
+    async def aclose(self) -> None:
+        """Say Close if we still can, without waiting for the answer, and close the transport."""
+        try:
+            if not self._sending.locked():  # never wait behind a send: this is a close
+                with trio.move_on_after(CLOSE_WAIT):
+                    async with self._sending:
+                        frame = b""
+                        if self._ws.state is ConnectionState.OPEN:
+                            frame = self._ws.send(CloseConnection(code=CloseReason.NORMAL_CLOSURE))
+                            self._end("the WebSocket is closed", "closed by us (1000)")
+                        await self._transmit(frame)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
+            await trio.aclose_forcefully(self.transport)
+
+
+# -- opening: the HTTP upgrade ----------------------------------------------------------------
+
+
+class UpgradeRequest:
+    """A server-side connection whose upgrade request was read: accept or refuse it."""
+
+    def __init__(self, transport: trio.abc.Stream, connection: wsproto.WSConnection,
+                 request: Request) -> None:
+        self.transport = transport
+        self._ws = connection
+        self.path = request.target.split("?", 1)[0]
+        self.host = request.host
+        self.headers: list[tuple[bytes, bytes]] = list(request.extra_headers)
+        """Other request headers, names in lower case."""
+
+    def header(self, name: bytes) -> list[bytes]:
+        """Every value of header ``name`` (lower case), in order."""
+        return [value for key, value in self.headers if key == name]
+
+    async def accept(self) -> WebSocketStream:
+        await self.transport.send_all(self._ws.send(AcceptConnection()))
+        return WebSocketStream(self.transport, self._ws)
+
+    async def refuse(self, status: int, reason: str) -> None:
+        """Answer with an HTTP error whose body is ``reason``; the caller closes the transport."""
+        await self.transport.send_all(http_error(status, reason))
+
+
+async def read_upgrade_request(transport: trio.abc.Stream) -> UpgradeRequest:
+    """Read a client's upgrade request (the caller bounds the time).
+
+    Anything but a valid WebSocket upgrade is answered with an HTTP error saying what is
+    wrong, then raises ``WebSocketError``. h11 caps the request head at 16 KiB.
+    """
+    connection = wsproto.WSConnection(wsproto.ConnectionType.SERVER)
+    while True:
+        data = await transport.receive_some(RECEIVE_SIZE)
+        if not data:
+            raise WebSocketError("closed before sending an upgrade request")
+        try:
+            connection.receive_data(data)
+            for event in connection.events():
+                if isinstance(event, Request):
+                    return UpgradeRequest(transport, connection, event)
+        except (wsproto.utilities.RemoteProtocolError, ValueError) as error:
+            # ValueError: wsproto decodes some header values without checking them first
+            # (a non-ASCII byte raises UnicodeDecodeError); that is a bad request too.
+            hint = getattr(error, "event_hint", None)
+            status = hint.status_code if isinstance(hint, RejectConnection) else 400
+            what = error if isinstance(error, wsproto.utilities.RemoteProtocolError) else "bad header value"
+            reason = f"not a WebSocket upgrade request: {what}"
+            try:
+                await transport.send_all(http_error(status, reason, upgrade=status == 426))
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+            raise WebSocketError(reason) from None
+
+
+def http_error(status: int, reason: str, *, upgrade: bool = False) -> bytes:
+    """A complete HTTP/1.1 error response with ``reason`` as its plain-text body."""
+    body = reason.encode("utf-8", "replace") + b"\n"
+    try:
+        phrase = http.HTTPStatus(status).phrase
+    except ValueError:
+        phrase = "Error"
+    head = [
+        f"HTTP/1.1 {status} {phrase}",
+        "Content-Type: text/plain; charset=utf-8",
+        f"Content-Length: {len(body)}",
+        "Connection: close",
+    ]
+    if upgrade:
+        head += ["Upgrade: websocket", "Sec-WebSocket-Version: 13"]
+    return ("\r\n".join(head) + "\r\n\r\n").encode("ascii") + body
+
+
+async def connect(transport: trio.abc.Stream, *, host: str, path: str) -> WebSocketStream:
+    """Upgrade ``transport`` (TCP or TLS, already connected) as a client; the caller bounds
+    the time. ``host`` is the Host header (``name`` or ``name:port``)."""
+    connection = wsproto.WSConnection(wsproto.ConnectionType.CLIENT)
+    await transport.send_all(connection.send(Request(host=host, target=path)))
+    refused: int | None = None
+    body = bytearray()
+    while True:
+        data = await transport.receive_some(RECEIVE_SIZE)
+        if not data and refused is None:
+            raise WebSocketError("the server closed the connection instead of upgrading it "
+                                 "(is this a WebSocket address?)")
+        try:
+            connection.receive_data(data or None)
+            for event in connection.events():
+                if isinstance(event, AcceptConnection):
+                    return WebSocketStream(transport, connection)
+                if isinstance(event, RejectConnection):
+                    refused = event.status_code
+                    if not event.has_body:
+                        raise WebSocketError(_refusal(refused, body))
+                elif isinstance(event, RejectData):
+                    body += event.data
+                    if event.body_finished or len(body) >= MAX_REJECT_BODY:
+                        raise WebSocketError(_refusal(refused or 0, body))
+        except wsproto.utilities.RemoteProtocolError as error:
+            raise WebSocketError(f"not a WebSocket server: {error}") from None
+        if not data:
+            raise WebSocketError(_refusal(refused or 0, body))
+
+
+def _refusal(status: int, body: bytes | bytearray) -> str:
+    text = bytes(body[:MAX_REJECT_BODY]).decode("utf-8", "replace").strip().splitlines()
+    detail = f": {text[0]}" if text else ""
+    return f"the server refused the WebSocket upgrade ({status}){detail}"
+
+
+def _why(error: BaseException) -> str:
+    cause = error.__cause__
+    if isinstance(cause, OSError) and cause.strerror:
+        return cause.strerror.lower()
+    return str(error) or type(error).__name__
