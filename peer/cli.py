@@ -22,14 +22,14 @@ from .address import DEFAULT_PORT, DEFAULT_SECURE_PORT, AddressError, RelayAddre
 from .bob import BOB_WAIT, receive_pack, send_pack
 from .channel import Channel
 from .console import Console
-from .destination import Destination, DestinationError
+from .destination import Destination, DestinationError, StreamDestination
 from .lan import best_lan_address
 from .meeting import HandshakeFailed, meet
 from .progress import Progress
 from .receiving import receive_offer
 from .rendezvous import RelayError
 from .sending import send_selection
-from .source import SourceError, scan
+from .source import SourceError, scan, stdin_selection, text_selection
 from .transfer import TransferFailed
 
 RELAY_ENV = "PEER_RELAY"
@@ -51,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument(
             "--relay",
             metavar="ADDR",
-            help=f"relay address: HOST, HOST:PORT or tcp://HOST:PORT (default: ${RELAY_ENV}"
+            help="relay address: HOST, HOST:PORT, tcp://HOST:PORT, tls://HOST:PORT, "
+            f"ws://HOST[:PORT][/PREFIX/] or wss://HOST[:PORT][/PREFIX/] (default: ${RELAY_ENV}"
             + (", or a relay run inside `peer send` itself)" if sub.prog.endswith("send") else ")"),
         )
         sub.add_argument(
@@ -60,6 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
             metavar="N",
             default=None,
             help=f"the relay's secure-room port (default {DEFAULT_SECURE_PORT})",
+        )
+        sub.add_argument(
+            "--cacert",
+            metavar="FILE",
+            default=None,
+            help="PEM file of the authorities to trust for a tls:// or wss:// relay, instead of the system's",
         )
         sub.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
         sub.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors (and a generated code)")
@@ -80,16 +87,75 @@ def build_parser() -> argparse.ArgumentParser:
         help="give up after N failed handshakes, each being one guess of the code "
         f"(default {handshake.DEFAULT_MAX_ATTEMPTS})",
     )
-    send.add_argument("paths", nargs="+", metavar="PATH", help="files or directories to send")
+    send.add_argument(
+        "--text", metavar="MESSAGE", help="send this text instead of files; the receiver prints it"
+    )
+    compress = send.add_mutually_exclusive_group()
+    compress.add_argument(
+        "--compress",
+        dest="compress",
+        action="store_const",
+        const="always",
+        default="auto",
+        help="compress with zstd whatever the link (default: automatic, when it makes the transfer faster)",
+    )
+    compress.add_argument(
+        "--no-compress", dest="compress", action="store_const", const="never", help="never compress"
+    )
+    send.add_argument(
+        "--limit-rate",
+        metavar="RATE",
+        type=_rate,
+        default=None,
+        help="send at most RATE bytes per second on the wire (suffixes K, M, G: KiB/s, MiB/s, GiB/s)",
+    )
+    send.add_argument(
+        "--name", metavar="NAME", default="stdin", help="the name to offer for standard input (`-`; default: stdin)"
+    )
+    send.add_argument(
+        "paths", nargs="*", metavar="PATH", help="files or directories to send; - reads standard input"
+    )
 
     recv = commands.add_parser("recv", help="receive files", description="Receive what a `peer send` offers.")
     common(recv)
     recv.add_argument(
-        "-o", "--output", metavar="DEST", default=".", help="directory to save into (default: the current one)"
+        "-o", "--output", metavar="DEST", default=None, help="directory to save into (default: the current one)"
     )
-    recv.add_argument("--overwrite", action="store_true", help="replace existing files of the same name")
+    recv.add_argument(
+        "--no-resume",
+        action="store_true",
+        help="start from scratch, and delete partial files on failure instead of keeping them to resume",
+    )
+    recv.add_argument(
+        "--stdout",
+        action="store_true",
+        help="write the (single) file to standard output instead; messages stay on stderr, and "
+        "the exit status says whether the bytes were verified",
+    )
+    existing = recv.add_mutually_exclusive_group()
+    existing.add_argument("--overwrite", action="store_true", help="replace existing files of the same name")
+    existing.add_argument(
+        "--rename",
+        action="store_true",
+        help="save an item whose name exists under the first free name instead, e.g. 'notes (1).txt'",
+    )
     recv.add_argument("code", nargs="?", help=f"the code the sender printed (asked for if absent, or ${PASSWORD_ENV})")
     return parser
+
+
+def _rate(text: str) -> float:
+    """``--limit-rate``: ``500K``, ``2M``, ``1.5G`` or plain bytes per second."""
+    units = {"K": 1024, "M": 1024**2, "G": 1024**3}
+    number, scale = text.strip(), 1
+    if number[-1:].upper() in units:
+        number, scale = number[:-1], units[number[-1].upper()]
+    try:
+        value = float(number) * scale
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a rate: {text!r} (try 500K or 2M)") from None
+    if not 1 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"not a rate: {text!r} (at least 1 byte per second)")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -99,6 +165,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.command == "send" and args.max_attempts < 1:
         print("peer: --max-attempts must be at least 1", file=sys.stderr)
+        return 2
+    if args.command == "send" and (args.text is None) == (not args.paths):
+        print("peer: give the paths to send, or --text MESSAGE (not both)", file=sys.stderr)
+        return 2
+    if args.command == "send" and "-" in args.paths and len(args.paths) > 1:
+        print("peer: - (standard input) must be the only path", file=sys.stderr)
+        return 2
+    if args.command == "recv" and args.stdout and (args.output or args.overwrite or args.rename):
+        print("peer: --stdout writes no file: -o, --overwrite and --rename do not apply", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.ERROR, format="peer: %(message)s")
     console = Console(quiet=args.quiet, assume_yes=args.yes)
@@ -136,7 +211,7 @@ def _relay_from(args) -> tuple[RelayAddress | None, bool]:
     if text is None:
         return None, False
     try:
-        return parse_relay(text, secure_port=args.secure_port), from_env
+        return parse_relay(text, secure_port=args.secure_port, cacert=args.cacert), from_env
     except AddressError as error:
         raise Failure(str(error)) from None
 
@@ -166,12 +241,17 @@ def _show(identity: bytes) -> str:
 
 async def _send(args, console: Console) -> int:
     try:
-        selection = scan(args.paths)
+        if args.text is not None:
+            selection = text_selection(args.text)
+        elif args.paths == ["-"]:
+            selection = stdin_selection(args.name)
+        else:
+            selection = scan(args.paths)
     except SourceError as error:
         raise Failure(str(error)) from None
     for warning in selection.warnings:
         console.warn(warning)
-    if not selection.offer.entries:
+    if not selection.offer.entries and selection.offer.text is None:
         raise Failure("nothing to send")
     text = args.password or os.environ.get(PASSWORD_ENV) or None
     generated = text is None
@@ -239,21 +319,36 @@ async def _send_through(address, password, selection, args, console: Console) ->
 
     async def confirm() -> bool:
         summary = selection.offer.summary()
-        if console.assume_yes or not console.interactive:
+        # Standard input carries the data, so it cannot carry an answer too.
+        if console.assume_yes or not console.interactive or args.paths == ["-"]:
             console.info(f"Sending {summary} to {partner} (verification {check})")
             return True
         return await console.ask(f"Send {summary} to {partner}? Verification {check}.")
 
     def make_progress() -> Progress:
-        return Progress(selection.offer.total_bytes, label="Sending", quiet=args.quiet)
+        total = selection.offer.total_bytes if selection.offer.sizes_known else None
+        return Progress(total, label="Sending", quiet=args.quiet)
 
     async def to_bob() -> None:
+        if selection.offer.text is not None:
+            raise TransferFailed(f"{partner} is a bob receiver, which cannot receive a text message")
+        if not selection.offer.sizes_known:
+            raise TransferFailed(
+                f"{partner} is a bob receiver, which needs the size in advance: it cannot receive a pipe"
+            )
         console.info(f"{partner} is a bob receiver: sending bob's format")
         await send_pack(channel, selection, args.paths, make_progress=make_progress)
 
     try:
         done = await send_selection(
-            channel, selection, confirm=confirm, make_progress=make_progress, to_bob=to_bob, bob_wait=BOB_WAIT
+            channel,
+            selection,
+            confirm=confirm,
+            make_progress=make_progress,
+            to_bob=to_bob,
+            bob_wait=BOB_WAIT,
+            compress=args.compress,
+            limit_rate=args.limit_rate,
         )
     except TransferFailed as error:
         await channel.abort()
@@ -265,9 +360,15 @@ async def _send_through(address, password, selection, args, console: Console) ->
             "last byte (bob cannot confirm what it wrote)."
         )
         return 0
+    if selection.offer.text is not None:
+        console.info("Sent the text message; the receiver confirmed it.")
+        return 0
+    wire = ""
+    if channel.bytes_sent < done.total_bytes:
+        wire = f", {transfer.format_size(channel.bytes_sent)} on the wire"
     console.info(
         f"Sent {done.file_count} file{'s' if done.file_count != 1 else ''} "
-        f"({transfer.format_size(done.total_bytes)}); the receiver confirmed every byte."
+        f"({transfer.format_size(done.total_bytes)}{wire}); the receiver confirmed every byte."
     )
     return 0
 
@@ -296,13 +397,17 @@ async def _recv(args, console: Console) -> int:
     password = codes.password_bytes(text)
     if not password:
         raise Failure("the code must not be empty")
-    output = Path(args.output)
+    if args.stdout:
+        return await _receive_into(address, password, StreamDestination(), args, console)
+    output = Path(args.output or ".")
     made_output = not output.exists()
     try:
         output.mkdir(parents=True, exist_ok=True)
-        destination = Destination(output, overwrite=args.overwrite)
+        destination = Destination(
+            output, overwrite=args.overwrite, rename=args.rename, resume=not args.no_resume
+        )
     except (OSError, DestinationError) as error:
-        raise Failure(f"cannot use {args.output} as the destination: {getattr(error, 'strerror', None) or error}") from None
+        raise Failure(f"cannot use {output} as the destination: {getattr(error, 'strerror', None) or error}") from None
     try:
         return await _receive_into(address, password, destination, args, console)
     finally:
@@ -352,7 +457,20 @@ async def _receive_into(address, password, destination, args, console: Console) 
         return await console.ask("Accept?")
 
     def make_progress(offer: transfer.Offer) -> Progress:
-        return Progress(offer.total_bytes, label="Receiving", quiet=args.quiet)
+        total = offer.total_bytes if offer.sizes_known else None
+        return Progress(total, label="Receiving", quiet=args.quiet)
+
+    text_received = False
+
+    def show_text(text: str) -> None:
+        nonlocal text_received
+        text_received = True
+        # The message is the sender's: on a terminal, nothing in it may move the cursor or
+        # recolour the screen. A pipe gets it exactly as sent.
+        if sys.stdout.isatty():
+            text = "\n".join(transfer.printable(line.replace("\t", "    ")) for line in text.split("\n"))
+        sys.stdout.write(text if text.endswith("\n") else text + "\n")
+        sys.stdout.flush()
 
     def announce(offer: transfer.Offer) -> None:
         console.info(f"{partner} sends {offer.summary()}")
@@ -362,13 +480,19 @@ async def _receive_into(address, password, destination, args, console: Console) 
             offer = await receive_pack(channel, destination, announce=announce, make_progress=make_progress)
             done = transfer.TransferDone(offer.file_count, offer.total_bytes)
         else:
-            done = await receive_offer(channel, destination, decide=decide, make_progress=make_progress)
+            done = await receive_offer(
+                channel, destination, decide=decide, make_progress=make_progress, show_text=show_text
+            )
     except TransferFailed as error:
         await channel.abort()
         raise Failure(str(error)) from None
     await channel.close()
-    console.info(
-        f"Received {done.file_count} file{'s' if done.file_count != 1 else ''} "
-        f"({transfer.format_size(done.total_bytes)}) into {args.output}"
-    )
+    if done.file_count or not text_received:
+        console.info(
+            f"Received {done.file_count} file{'s' if done.file_count != 1 else ''} "
+            f"({transfer.format_size(done.total_bytes)}) "
+            + ("to standard output" if args.stdout else f"into {args.output or '.'}")
+        )
+    for offered, local in destination.renamed.items():
+        console.info(f"{transfer.printable(offered)} existed already: saved as {transfer.printable(local)}")
     return 0

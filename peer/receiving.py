@@ -6,7 +6,7 @@ from typing import Awaitable, Callable
 
 import trio
 
-from . import transfer
+from . import compression, transfer
 from .channel import Channel, ChannelBroken, ChannelClosed, lost
 from .destination import Destination, DestinationError
 from .progress import Progress
@@ -22,13 +22,22 @@ async def receive_offer(
     *,
     decide: Decide,
     make_progress: MakeProgress | None = None,
+    show_text: Callable[[str], None] | None = None,
 ) -> transfer.TransferDone:
     """Run the receiver's side until everything is verified, in place and acknowledged.
 
     On any failure every temporary file is removed, the sender is told why (best effort),
-    and TransferFailed carries the one line for the user.
+    and TransferFailed carries the one line for the user. A text message is handed to
+    ``show_text`` (only offered to senders when it is given) before the acknowledgement.
     """
-    session = transfer.ReceiverSession()
+    features = {transfer.UNKNOWN_SIZE}
+    if compression.available():
+        features.add(transfer.ZSTD)
+    if getattr(destination, "supports_resume", False):
+        features.add(transfer.RESUME)
+    if show_text is not None:
+        features.add(transfer.TEXT)
+    session = transfer.ReceiverSession(features=features)
     progress: Progress | None = None
     try:
         with destination.all_or_nothing():
@@ -45,19 +54,25 @@ async def receive_offer(
                 )
                 return transfer.TransferDone(offer.file_count, offer.total_bytes)
             offer = await _wait_offer(channel, session, first)
+            resume = transfer.RESUME in session.features
             try:
-                destination.plan(offer)
+                if resume:
+                    destination.plan(offer, resume=True)
+                else:
+                    destination.plan(offer)
             except DestinationError as error:
                 await _send_now(channel, session.decline(str(error)))
                 raise TransferFailed(str(error)) from None
             if not await decide(offer):
                 await _send_now(channel, session.decline("the receiver said no"))
                 raise TransferFailed("declined")
-            await _send_now(channel, session.accept())
+            await _send_now(channel, session.accept(destination.resume_points(offer) if resume else None))
             if make_progress is not None:
                 progress = make_progress(offer)
             done = await _write_files(channel, session, destination, progress)
             destination.finish()
+            if offer.text is not None:
+                show_text(offer.text)
             await _send_now(channel, session.acknowledge())
             return done
     except transfer.ProtocolError as error:
@@ -112,6 +127,9 @@ async def _write_files(channel, session, destination, progress) -> transfer.Tran
             part = destination.open_part(event.entry)
             if progress is not None:
                 progress.note(event.entry.path)
+                progress.advance(event.offset)
+        elif isinstance(event, transfer.ChunkChecked):
+            destination.check(part, event.digest)
         elif isinstance(event, transfer.FileFinished):
             destination.commit(part, event.digest)
             part = None

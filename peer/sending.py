@@ -7,7 +7,7 @@ from typing import Awaitable, Callable
 
 import trio
 
-from . import transfer
+from . import compression, transfer
 from .channel import Channel, ChannelBroken, ChannelClosed
 from .progress import Progress
 from .source import Selection, SourceError
@@ -21,6 +21,14 @@ ANSWER_TIMEOUT = 24 * 3600.0
 
 Confirm = Callable[[], Awaitable[bool]]
 
+FEATURES = frozenset({transfer.TEXT, transfer.UNKNOWN_SIZE, transfer.RESUME})
+"""What this sender can use when the receiver offers it (zstd is added unless disabled)."""
+
+_WHY_MISSING = {
+    transfer.TEXT: "the receiver cannot take a text message: it runs an older peer-relay",
+    transfer.UNKNOWN_SIZE: "the receiver cannot take data of unknown size (a pipe): it runs an older peer-relay",
+}
+
 
 async def send_selection(
     channel: Channel,
@@ -30,6 +38,8 @@ async def send_selection(
     make_progress: Callable[[], Progress] | None = None,
     to_bob: Callable[[], Awaitable[None]] | None = None,
     bob_wait: float = HELLO_TIMEOUT,
+    compress: str = "auto",
+    limit_rate: float | None = None,
 ) -> transfer.Completed | None:
     """Run the sender's side to the receiver's ACK; TransferFailed on anything else.
 
@@ -38,10 +48,19 @@ async def send_selection(
 
     The progress bar is made only once the receiver accepted, so that it neither draws over
     a prompt nor counts the time a person took to answer.
+
+    ``compress`` is ``auto`` (see compression.CompressionChoice), ``always`` or ``never``;
+    ``limit_rate`` caps what goes on the wire, in bytes per second.
     """
-    session = transfer.SenderSession(selection.offer)
+    features = set(FEATURES)
+    choice = None
+    if compress != "never" and compression.available():
+        features.add(transfer.ZSTD)
+        choice = compression.CompressionChoice(compress)
+    session = transfer.SenderSession(selection.offer, features=features)
+    pacer = Pacer(channel, limit_rate) if limit_rate else None
     try:
-        return await _send(channel, session, selection, confirm, make_progress, to_bob, bob_wait)
+        return await _send(channel, session, selection, confirm, make_progress, to_bob, bob_wait, choice, pacer)
     except SourceError as error:
         await _tell(channel, session, str(error))
         raise TransferFailed(str(error)) from None
@@ -73,7 +92,7 @@ async def _receive(channel: Channel, session: transfer.SenderSession, timeout: f
     raise TransferFailed(f"the receiver did not {what} within {timeout:.0f} s")
 
 
-async def _send(channel, session, selection, confirm, make_progress, to_bob, bob_wait):
+async def _send(channel, session, selection, confirm, make_progress, to_bob, bob_wait, choice, pacer):
     first = None
     with trio.move_on_after(bob_wait):
         first = await channel.receive()
@@ -87,6 +106,11 @@ async def _send(channel, session, selection, confirm, make_progress, to_bob, bob
     hello = session.receive(first)
     if isinstance(hello, transfer.PeerError):
         raise TransferFailed(f"the receiver stopped: {hello.reason}")
+    if session.missing_features:
+        reason = _WHY_MISSING[min(session.missing_features)]
+        await _tell(channel, session, "the sender needs what this receiver does not support: "
+                    + ", ".join(sorted(session.missing_features)))
+        raise TransferFailed(reason)
     if confirm is not None and not await confirm():
         await _tell(channel, session, "the sender cancelled")
         raise TransferFailed("cancelled")
@@ -99,13 +123,15 @@ async def _send(channel, session, selection, confirm, make_progress, to_bob, bob
         raise TransferFailed(f"the receiver declined the transfer{reason}")
     progress = make_progress() if make_progress is not None else None
     try:
-        return await _stream_and_confirm(channel, session, selection, progress)
+        if transfer.ZSTD not in session.features:
+            choice = None
+        return await _stream_and_confirm(channel, session, selection, progress, choice, pacer)
     finally:
         if progress is not None:
             progress.close()
 
 
-async def _stream_and_confirm(channel, session, selection, progress) -> transfer.Completed:
+async def _stream_and_confirm(channel, session, selection, progress, choice, pacer) -> transfer.Completed:
     # The file stream and a watch on the receiver run side by side: the receiver may stop us
     # early (disk full, a bad name). Whichever fails first cancels the other; its error wins.
     outcome: list[transfer.Completed] = []
@@ -126,23 +152,129 @@ async def _stream_and_confirm(channel, session, selection, progress) -> transfer
             outcome.append(event)
 
         nursery.start_soon(guarded, watch_receiver)
-        nursery.start_soon(guarded, partial(_stream_files, channel, session, selection, progress))
+        nursery.start_soon(guarded, partial(_stream_files, channel, session, selection, progress, choice, pacer))
     if failures:
         raise failures[0]
     return outcome[0]
 
 
-async def _stream_files(channel, session, selection, progress) -> None:
+class Pacer:
+    """``--limit-rate``: keeps the bytes put on the wire under a rate, as a slow link would.
+
+    It counts what the channel actually wrote (sealed records, after compression), so a
+    throttled transfer shows what compression buys on a slow link.
+    """
+
+    def __init__(self, channel: Channel, rate: float) -> None:
+        self._channel = channel
+        self._rate = float(rate)
+        self._start: float | None = None
+        self._base = 0
+
+    async def pace(self) -> None:
+        now = trio.current_time()
+        if self._start is None:
+            self._start, self._base = now, self._channel.bytes_sent
+            return
+        due = self._start + (self._channel.bytes_sent - self._base) / self._rate
+        if due > now:
+            await trio.sleep(due - now)
+
+
+async def _stream_files(channel, session, selection, progress, choice=None, pacer=None) -> None:
     while (entry := session.next_file()) is not None:
         if progress is not None:
             progress.note(entry.path)
-        with selection.open(entry) as reader:
+        # Resume: the receiver's verified bytes are skipped with a seek, never read.
+        start = session.start_offset(entry)
+        chunk = transfer.RESUME_CHUNK if session.resuming and entry.size is not None else None
+        with selection.open(entry, start=start, chunk=chunk) as reader:
             await channel.send(session.begin_file(entry))
-            while session.file_remaining:
-                count = reader.readinto(session.data_buffer())
-                await channel.send(session.data_message(count))
-                if progress is not None:
-                    progress.advance(count)
+            if progress is not None and start:
+                progress.advance(start)
+            if choice is not None or entry.size is None:
+                await _send_blocks(channel, session, reader, choice, progress, pacer, stream=entry.size is None)
+            else:
+                while session.file_remaining:
+                    count = reader.readinto(session.data_buffer())
+                    await channel.send(session.data_message(count))
+                    if session.check_due:
+                        await channel.send(session.check(reader.chunk_digest()))
+                    if progress is not None:
+                        progress.advance(count)
+                    if pacer is not None:
+                        await pacer.pace()
             await channel.send(session.end_file(reader.digest()))
     await channel.send(session.done())
     await channel.flush()
+
+
+def _read_block(reader, buffer: memoryview, try_zstd: bool, chunk: int | None):
+    """In a worker thread: the next block (read and hashed), its zstd frame if asked, and the
+    digest of the resume chunk it completes, if it completes one (the reader never reads
+    across a chunk, and hashing here keeps the digest in step with the reading)."""
+    count = reader.readinto(buffer)
+    frame = compression.compress_block(buffer[:count]) if try_zstd and count else None
+    chunk_digest = reader.chunk_digest() if chunk and count and reader.position % chunk == 0 else None
+    return count, frame, chunk_digest
+
+
+async def _send_blocks(channel, session, reader, choice, progress, pacer, *, stream: bool) -> None:
+    """Send one file block by block: read, hash and compress in a worker thread while this
+    task seals and sends the previous block, so the two overlap on two cores.
+
+    A pipe read may block, so it always goes through here too; when the pipe runs dry the
+    channel is flushed, so that a slow producer's bytes are not held back by batching.
+    """
+    if choice is not None:
+        choice.begin_file()
+    chunk = transfer.RESUME_CHUNK if session.resuming and not stream else None
+    buffers = [memoryview(bytearray(compression.FRAME_CONTENT)) for _ in range(3)]
+    # Capacity 1 and three buffers: one being sent, one queued, one being filled.
+    send_blocks, receive_blocks = trio.open_memory_channel(1)
+
+    async def produce() -> None:
+        async with send_blocks:
+            turn = 0
+            while True:
+                buffer = buffers[turn % 3]
+                turn += 1
+                try_zstd = choice is not None and choice.compress_next()
+                # Abandoned on cancellation (a silent pipe): the thread then owns `buffer`.
+                count, frame, chunk_digest = await trio.to_thread.run_sync(
+                    _read_block, reader, buffer, try_zstd, chunk, abandon_on_cancel=True
+                )
+                if not count:
+                    return
+                await send_blocks.send((buffer[:count], try_zstd, frame, chunk_digest))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(produce)
+        async with receive_blocks:
+            async for block, tried, frame, chunk_digest in receive_blocks:
+                if frame is None:
+                    await _send_bytes(channel, session, block)
+                else:
+                    for message in session.compressed_messages(frame, len(block)):
+                        await channel.send(message)
+                if chunk_digest is not None:
+                    await channel.send(session.check(chunk_digest))
+                if stream and len(block) < compression.FRAME_CONTENT:
+                    await channel.flush()
+                if choice is not None:
+                    choice.block_sent(len(block), tried, frame is not None)
+                if progress is not None:
+                    progress.advance(len(block))
+                if pacer is not None:
+                    await pacer.pace()
+
+
+async def _send_bytes(channel, session, data: memoryview) -> None:
+    """DATA messages for `data`, copied into the session's record buffer piece by piece."""
+    done = 0
+    while done < len(data):
+        buffer = session.data_buffer()
+        count = min(len(buffer), len(data) - done)
+        buffer[:count] = data[done : done + count]
+        await channel.send(session.data_message(count))
+        done += count

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
+import select
 import stat
 from typing import Iterable, Mapping
 
@@ -18,7 +19,7 @@ import blake3
 
 from peer.transfer import DIRECTORY, FILE, MAX_OFFER_BYTES, Offer, OfferEntry, format_size, name_problem, os_reason
 
-__all__ = ["FileReader", "Selection", "SourceError", "scan"]
+__all__ = ["FileReader", "Selection", "SourceError", "StreamReader", "scan", "stdin_selection", "text_selection"]
 
 _CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 _NONBLOCK = getattr(os, "O_NONBLOCK", 0)  # never block on a FIFO swapped in after the scan
@@ -57,10 +58,44 @@ class Selection:
     warnings: tuple[str, ...]
     origins: Mapping[str, _Origin] = attrs.field(repr=False)
 
-    def open(self, entry: OfferEntry) -> FileReader:
-        """Start reading one offered file (use it as a context manager)."""
+    def open(self, entry: OfferEntry, *, start: int = 0, chunk: int | None = None) -> FileReader | StreamReader:
+        """Start reading one offered file (use it as a context manager).
+
+        `start` skips what the receiver already has (resume) without reading it; with
+        `chunk`, the reader also hashes each `chunk` bytes on their own (resume CHECKs).
+        """
         origin = self.origins[entry.path]
-        return FileReader(origin.path, entry.size, origin.display, follow_symlinks=origin.follow_symlinks)
+        if isinstance(origin, _StreamOrigin):
+            return StreamReader(origin.fd, origin.display)
+        return FileReader(
+            origin.path, entry.size, origin.display, follow_symlinks=origin.follow_symlinks, start=start, chunk=chunk
+        )
+
+
+@attrs.frozen
+class _StreamOrigin:
+    """An offered file that is a stream (stdin): read to its end, size unknown until then."""
+
+    fd: int
+    display: str
+
+
+def stdin_selection(name: str = "stdin", fd: int = 0) -> Selection:
+    """Offer what arrives on `fd` (standard input) as one file called `name`, size unknown."""
+    problem = name_problem(name)
+    if problem or "/" in name:
+        raise SourceError(f"cannot offer standard input as {name!r}: the name {problem or 'has a slash'}")
+    offer = Offer([OfferEntry(FILE, name, None)])
+    return Selection(offer, (), {name: _StreamOrigin(fd, "standard input")})
+
+
+def text_selection(text: str) -> Selection:
+    """A text message to send instead of files (the receiver prints it)."""
+    try:
+        offer = Offer((), text)
+    except ValueError as exc:
+        raise SourceError(f"cannot send this text: {exc}") from None
+    return Selection(offer, (), {})
 
 
 class _Builder:
@@ -81,8 +116,19 @@ class _Builder:
         except OSError as exc:
             raise SourceError(f"cannot read {display}: {os_reason(exc)}") from None
         executable = bool(info.st_mode & stat.S_IXUSR)
-        self.entries.append(OfferEntry(FILE, name, info.st_size, executable))
+        self.entries.append(OfferEntry(FILE, name, info.st_size, executable, file_id(info)))
         self.origins[name] = _Origin(path, display, follow)
+
+
+def file_id(info: os.stat_result) -> str:
+    """A short name for this version of a file, for resume: device, inode, size and mtime.
+
+    Like rsync's quick check, a file rewritten in place that keeps its size and gets its
+    old modification time back is not noticed; anything else (an editor's save, a copy, a
+    touch) changes it. Hashed, so the receiver learns nothing of the sender's disk.
+    """
+    text = f"{info.st_dev}:{info.st_ino}:{info.st_size}:{info.st_mtime_ns}"
+    return blake3.blake3(text.encode()).hexdigest()[:32]
 
 
 def _check_name(name: str, display: str) -> None:
@@ -181,9 +227,20 @@ class FileReader:
     otherwise get a verified copy of something that never existed on disk.
     """
 
-    def __init__(self, path: str, size: int, display: str, *, follow_symlinks: bool = True) -> None:
+    def __init__(
+        self,
+        path: str,
+        size: int,
+        display: str,
+        *,
+        follow_symlinks: bool = True,
+        start: int = 0,
+        chunk: int | None = None,
+    ) -> None:
         self.display = display
         self.size = size
+        if not 0 <= start <= size:
+            raise ValueError(f"cannot start {display} at byte {start}")
         flags = os.O_RDONLY | _CLOEXEC | _NONBLOCK | _BINARY | (0 if follow_symlinks else _NOFOLLOW)
         try:
             fd = os.open(path, flags)
@@ -198,14 +255,18 @@ class FileReader:
             if info.st_size != size:
                 raise SourceError(f"{display} changed after it was offered: {size} bytes then, {info.st_size} now")
             if hasattr(os, "posix_fadvise"):
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+                os.posix_fadvise(fd, start, 0, os.POSIX_FADV_SEQUENTIAL)
+            if start:
+                os.lseek(fd, start, os.SEEK_SET)  # resume: what is before is never read
         except BaseException:
             os.close(fd)
             raise
         self._mtime = info.st_mtime_ns
         self._file = open(fd, "rb", buffering=0)
         self._hasher = blake3.blake3()
-        self._remaining = size
+        self._remaining = size - start
+        self._chunk = chunk
+        self._position = start
 
     def __enter__(self) -> FileReader:
         return self
@@ -220,9 +281,16 @@ class FileReader:
     def remaining(self) -> int:
         return self._remaining
 
+    @property
+    def position(self) -> int:
+        """The offset in the file of the next byte to read."""
+        return self._position
+
     def readinto(self, buffer: memoryview) -> int:
         """Fill the start of `buffer` with the next bytes (never past the offered size)."""
         want = min(len(buffer), self._remaining)
+        if self._chunk:
+            want = min(want, self._chunk - self._position % self._chunk)  # never across a chunk
         if want == 0:
             return 0
         target = buffer[:want]
@@ -234,10 +302,21 @@ class FileReader:
             raise SourceError(f"{self.display} shrank while it was being sent")
         self._hasher.update(target[:count])
         self._remaining -= count
+        self._position += count
         return count
 
+    def chunk_digest(self) -> bytes:
+        """With `chunk`: the blake3 of the chunk just read; the next one starts afresh."""
+        if not self._chunk or self._position % self._chunk:
+            raise RuntimeError(f"{self.display}: not at the end of a chunk")
+        digest = self._hasher.digest()
+        self._hasher = blake3.blake3()
+        return digest
+
     def digest(self) -> bytes:
-        """The blake3 of everything read, once the whole file is read and found unchanged."""
+        """The blake3 of everything read, once the whole file is read and found unchanged.
+
+        With `chunk`, only of what was read since the last `chunk_digest()` (the tail)."""
         if self._remaining:
             raise RuntimeError(f"{self.display}: {self._remaining} bytes not read yet")
         try:
@@ -250,3 +329,70 @@ class FileReader:
         if info.st_size != self.size or info.st_mtime_ns != self._mtime:
             raise SourceError(f"{self.display} changed while it was being sent")
         return self._hasher.digest()
+
+
+class StreamReader:
+    """Standard input (or any pipe) being sent: read to its end, hashed while read.
+
+    `readinto` may block until data comes, so drivers call it from a worker thread. It
+    gathers up to a whole buffer while data is already waiting, and returns what it has
+    as soon as the pipe runs dry, so a slow producer's bytes are not held back.
+    """
+
+    size = None
+
+    def __init__(self, fd: int, display: str) -> None:
+        self.display = display
+        self._fd = fd
+        self._hasher = blake3.blake3()
+        self.read_bytes = 0
+        self._ended = False
+
+    def __enter__(self) -> StreamReader:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """The descriptor is the caller's (stdin): left open."""
+
+    @property
+    def remaining(self) -> None:
+        return None
+
+    def readinto(self, buffer: memoryview) -> int:
+        """Fill the start of `buffer`; 0 only at the end of the stream."""
+        filled = 0
+        while filled < len(buffer) and not self._ended:
+            if filled and not _readable_now(self._fd):
+                break
+            try:
+                count = os.readv(self._fd, [buffer[filled:]])
+            except BlockingIOError:
+                select.select([self._fd], [], [])
+                continue
+            except InterruptedError:
+                continue
+            except OSError as exc:
+                raise SourceError(f"cannot read {self.display}: {os_reason(exc)}") from None
+            if count == 0:
+                self._ended = True
+                break
+            filled += count
+        self._hasher.update(buffer[:filled])
+        self.read_bytes += filled
+        return filled
+
+    def digest(self) -> bytes:
+        if not self._ended:
+            raise RuntimeError(f"{self.display} is not read to its end yet")
+        return self._hasher.digest()
+
+
+def _readable_now(fd: int) -> bool:
+    try:
+        ready, _, _ = select.select([fd], [], [], 0)
+    except (OSError, ValueError):
+        return False
+    return bool(ready)

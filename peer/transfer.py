@@ -24,6 +24,7 @@ from typing import ClassVar, Iterable, Union
 
 import attrs
 
+from peer import compression
 from peer.records import MAX_RECORD_SIZE
 
 __all__ = [
@@ -31,10 +32,18 @@ __all__ = [
     "FILE",
     "MAX_DATA_SIZE",
     "PROTOCOL_VERSION",
+    "RESUME",
+    "RESUME_CHUNK",
+    "TEXT",
+    "UNKNOWN_SIZE",
+    "ZSTD",
     "Accepted",
     "Ack",
     "Answer",
+    "Check",
+    "ChunkChecked",
     "Completed",
+    "CompressedData",
     "Data",
     "Declined",
     "Done",
@@ -83,7 +92,22 @@ MAX_FILE_SIZE = 2**63 - 1
 MAX_PATH_BYTES = 4096
 MAX_COMPONENT_BYTES = 255
 MAX_CAPABILITIES = 64
+MAX_TEXT_BYTES = 1024 * 1024
+"""A text message travels inside the offer; anything longer belongs in a file."""
+
+TEXT = "text"
+"""Feature: an offer may carry a text message instead of entries."""
+UNKNOWN_SIZE = "unknown-size"
+"""Feature: a file's size may be unknown (``null``) until its FILE_END, as for a pipe."""
+ZSTD = "zstd"
+"""Feature: file content may come as zstd frames (ZDATA) as well as raw DATA."""
+RESUME = "resume"
+"""Feature: CHECK messages every RESUME_CHUNK bytes, and resume points in ANSWER and FILE."""
+RESUME_CHUNK = 16 * 1024 * 1024
+"""Under resume, a CHECK follows every this many bytes of a file (counted from its start),
+and a resume point is a multiple of it (or the file's size)."""
 _CAPABILITY = re.compile(r"[a-z0-9][a-z0-9-]{0,31}")
+_FILE_ID = re.compile(r"[0-9a-f]{1,64}")
 
 FILE = "file"
 DIRECTORY = "dir"
@@ -206,12 +230,17 @@ def verification_string(key: bytes) -> str:
 
 @attrs.frozen
 class OfferEntry:
-    """One item of an offer: a file (with its size) or a directory."""
+    """One item of an offer: a file (with its size, None when unknown) or a directory.
+
+    `file_id` is the sender's short name for this version of the file (see
+    ``docs/transfer.md``, resume); the receiver only compares it.
+    """
 
     kind: str
     path: str
-    size: int = 0
+    size: int | None = 0
     executable: bool = False
+    file_id: str | None = attrs.field(default=None, eq=False)
 
     @property
     def is_file(self) -> bool:
@@ -227,7 +256,9 @@ def _entry_problem(entry: OfferEntry) -> str | None:
     if problem:
         return f"the name {shown(entry.path)} {problem}"
     if entry.kind == FILE:
-        if type(entry.size) is not int or not 0 <= entry.size <= MAX_FILE_SIZE:
+        if entry.size is None:
+            pass  # unknown until FILE_END; only with the unknown-size feature
+        elif type(entry.size) is not int or not 0 <= entry.size <= MAX_FILE_SIZE:
             return f"{entry.path}: invalid size {entry.size!r}"
         if type(entry.executable) is not bool:
             return f"{entry.path}: invalid executable flag {entry.executable!r}"
@@ -248,11 +279,25 @@ class Offer:
     """
 
     entries: tuple[OfferEntry, ...] = attrs.field(converter=tuple)
+    text: str | None = None
+    """A text message for the receiver to print; such an offer has no entries."""
     file_count: int = attrs.field(init=False)
     total_bytes: int = attrs.field(init=False)
+    """The sum of the known sizes (all of them unless `sizes_known` is false)."""
 
     def __attrs_post_init__(self) -> None:
-        if not self.entries:
+        if self.text is not None:
+            if not isinstance(self.text, str):
+                raise ValueError("the text is not a string")
+            try:
+                encoded = self.text.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError("the text is not valid UTF-8") from None
+            if len(encoded) > MAX_TEXT_BYTES:
+                raise ValueError(f"the text is over {format_size(MAX_TEXT_BYTES)}; send it as a file")
+            if self.entries:
+                raise ValueError("an offer carries either a text or entries, not both")
+        elif not self.entries:
             raise ValueError("the offer is empty")
         if len(self.entries) > MAX_ENTRIES:
             raise ValueError(f"the offer has over {MAX_ENTRIES} entries")
@@ -277,9 +322,22 @@ class Offer:
                 directories.add(entry.path)
             else:
                 files += 1
-                total += entry.size
+                total += entry.size or 0
         object.__setattr__(self, "file_count", files)
         object.__setattr__(self, "total_bytes", total)
+
+    @property
+    def sizes_known(self) -> bool:
+        return all(entry.size is not None for entry in self.entries)
+
+    def needed_features(self) -> frozenset[str]:
+        """What a receiver must support to take this offer at all."""
+        needed = set()
+        if self.text is not None:
+            needed.add(TEXT)
+        if not self.sizes_known:
+            needed.add(UNKNOWN_SIZE)
+        return frozenset(needed)
 
     @property
     def files(self) -> list[OfferEntry]:
@@ -292,11 +350,15 @@ class Offer:
 
     def summary(self) -> str:
         """One line for the receiver's prompt, e.g. ``photos/ (12 files, 3.1 MiB)``."""
+        if self.text is not None:
+            return f"a text message ({format_size(len(self.text.encode('utf-8')))})"
         tops = self.top_level
         names = [entry.path + ("/" if entry.is_directory else "") for entry in tops[:3]]
         if len(tops) > 3:
             names.append(f"and {len(tops) - 3} more")
         size = format_size(self.total_bytes)
+        if not self.sizes_known:
+            size = f"{size} and more" if self.total_bytes else "size unknown"
         if len(tops) == 1 and tops[0].is_file:
             return f"{names[0]} ({size})"
         plural = "" if self.file_count == 1 else "s"
@@ -305,14 +367,17 @@ class Offer:
             listing = f"{len(tops)} items: {listing}"
         return f"{listing} ({self.file_count} file{plural}, {size})"
 
-    def to_json(self, *, version: int = PROTOCOL_VERSION, features: Iterable[str] = ()) -> bytes:
-        """The OFFER document (docs/transfer.md), compact UTF-8 JSON."""
+    def to_json(
+        self, *, version: int = PROTOCOL_VERSION, features: Iterable[str] = (), with_ids: bool = False
+    ) -> bytes:
+        """The OFFER document (docs/transfer.md), compact UTF-8 JSON; file ids only `with_ids`."""
         entries = []
         for entry in self.entries:
             if entry.is_file:
-                entries.append(
-                    {"kind": FILE, "path": entry.path, "size": entry.size, "executable": entry.executable}
-                )
+                item = {"kind": FILE, "path": entry.path, "size": entry.size, "executable": entry.executable}
+                if with_ids and entry.file_id is not None:
+                    item["id"] = entry.file_id
+                entries.append(item)
             else:
                 entries.append({"kind": DIRECTORY, "path": entry.path})
         document = {
@@ -322,6 +387,8 @@ class Offer:
             "total_bytes": self.total_bytes,
             "entries": entries,
         }
+        if self.text is not None:
+            document["text"] = self.text
         return json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
     @classmethod
@@ -355,14 +422,22 @@ class Offer:
             kind = raw.get("kind")
             path = raw.get("path")
             if kind == FILE:
-                entry = OfferEntry(FILE, path, raw.get("size"), raw.get("executable", False))
+                if "size" not in raw:
+                    raise ProtocolError(f"the offer entry {shown(path)} has no size")
+                file_id = raw.get("id")
+                if file_id is not None and not (isinstance(file_id, str) and _FILE_ID.fullmatch(file_id)):
+                    raise ProtocolError(f"the offer entry {shown(path)} has a malformed id")
+                entry = OfferEntry(FILE, path, raw["size"], raw.get("executable", False), file_id)
             elif kind == DIRECTORY:
                 entry = OfferEntry(DIRECTORY, path)
             else:
                 raise ProtocolError(f"an offer entry has an unknown kind {printable(str(kind))!r}")
             entries.append(entry)
+        text = document.get("text")
+        if text is not None and not isinstance(text, str):
+            raise ProtocolError("the offer's text is not a string")
         try:
-            offer = cls(entries)
+            offer = cls(entries, text)
         except ValueError as exc:
             raise ProtocolError(f"invalid offer: {exc}") from None
         if document.get("file_count") != offer.file_count or document.get("total_bytes") != offer.total_bytes:
@@ -612,8 +687,63 @@ class Error:
         return cls(_reason_text(body))
 
 
-Message = Union[Hello, OfferPart, Answer, FileStart, Data, FileEnd, Done, Ack, Error]
-_MESSAGE_TYPES = {cls.TYPE: cls for cls in (Hello, OfferPart, Answer, FileStart, Data, FileEnd, Done, Ack, Error)}
+@attrs.frozen
+class CompressedData:
+    """s→r (feature zstd): a piece of one zstd frame of the current file; `more` pieces follow.
+
+    The pieces of a frame are consecutive; the frame's rules are in peer/compression.py.
+    """
+
+    TYPE: ClassVar[int] = 0x0A
+    more: bool
+    chunk: bytes | memoryview
+
+    def encode(self) -> bytes:
+        if not 1 <= len(self.chunk) <= MAX_RECORD_SIZE - 2:
+            raise ValueError("a compressed piece holds 1..32765 bytes")
+        return bytes([self.TYPE, _OFFER_MORE if self.more else 0]) + bytes(self.chunk)
+
+    @classmethod
+    def decode(cls, body: memoryview) -> CompressedData:
+        if len(body) < 2:
+            raise ProtocolError("compressed piece is empty")
+        flags = body[0]
+        if flags & ~_OFFER_MORE:
+            raise ProtocolError(f"compressed piece has unknown flags {flags:#04x}")
+        return cls(bool(flags & _OFFER_MORE), body[1:])
+
+    def __eq__(self, other: object) -> bool:
+        return (
+            isinstance(other, CompressedData)
+            and self.more == other.more
+            and bytes(self.chunk) == bytes(other.chunk)
+        )
+
+
+@attrs.frozen
+class Check:
+    """s→r (feature resume): the blake3 of the RESUME_CHUNK bytes of the file just sent."""
+
+    TYPE: ClassVar[int] = 0x0B
+    digest: bytes = attrs.field(converter=bytes)
+
+    def encode(self) -> bytes:
+        if len(self.digest) != DIGEST_SIZE:
+            raise ValueError(f"digest must be {DIGEST_SIZE} bytes")
+        return bytes([self.TYPE]) + self.digest
+
+    @classmethod
+    def decode(cls, body: memoryview) -> Check:
+        if len(body) != DIGEST_SIZE:
+            raise ProtocolError(f"check is {len(body)} bytes, expected {DIGEST_SIZE}")
+        return cls(body)
+
+
+Message = Union[Hello, OfferPart, Answer, FileStart, Data, FileEnd, Done, Ack, Error, CompressedData, Check]
+_MESSAGE_TYPES = {
+    cls.TYPE: cls
+    for cls in (Hello, OfferPart, Answer, FileStart, Data, FileEnd, Done, Ack, Error, CompressedData, Check)
+}
 _NAMES = {
     Hello: "hello",
     OfferPart: "offer",
@@ -624,6 +754,8 @@ _NAMES = {
     Done: "done",
     Ack: "ack",
     Error: "error",
+    CompressedData: "compressed data",
+    Check: "check",
 }
 
 
@@ -685,9 +817,11 @@ class OfferReceived:
 
 @attrs.frozen
 class FileStarted:
-    """Receiver side: bytes of `entry` follow; open its temporary file."""
+    """Receiver side: bytes of `entry` follow from `offset` (a resume point, else 0); open its
+    temporary file."""
 
     entry: OfferEntry
+    offset: int = 0
 
 
 @attrs.frozen
@@ -696,6 +830,16 @@ class FileData:
 
     entry: OfferEntry
     data: memoryview
+
+
+@attrs.frozen
+class ChunkChecked:
+    """Receiver side (resume): the chunk ending at `offset` should hash to `digest`; verify it,
+    make it durable, and journal it."""
+
+    entry: OfferEntry
+    offset: int
+    digest: bytes
 
 
 @attrs.frozen
@@ -722,7 +866,7 @@ class PeerError:
 
 
 SenderEvent = Union[HelloReceived, Accepted, Declined, Completed, PeerError]
-ReceiverEvent = Union[OfferReceived, FileStarted, FileData, FileFinished, TransferDone, PeerError]
+ReceiverEvent = Union[OfferReceived, FileStarted, FileData, ChunkChecked, FileFinished, TransferDone, PeerError]
 
 
 # --- state machines ------------------------------------------------------------------
@@ -750,6 +894,43 @@ class _Receiver(enum.Enum):
     FINISHED = "finished"
     DECLINED = "declined"
     FAILED = "failed"
+
+
+def _resume_problem(offer: Offer, points: Iterable[tuple[int, int]]) -> str | None:
+    """Why these resume points are not acceptable for `offer`, or None."""
+    seen: set[int] = set()
+    for index, offset in points:
+        if index in seen:
+            return f"entry {index} is resumed twice"
+        seen.add(index)
+        entry = offer.entries[index] if 0 <= index < len(offer.entries) else None
+        if entry is None or not entry.is_file or entry.size is None or entry.file_id is None:
+            return f"entry {index} cannot be resumed"
+        if not 0 < offset <= entry.size or (offset % RESUME_CHUNK and offset != entry.size):
+            return f"{entry.path} cannot be resumed at byte {offset}"
+    return None
+
+
+class _Position:
+    """Where a file stands under resume: a CHECK is due at each RESUME_CHUNK boundary."""
+
+    def __init__(self, start: int, checking: bool) -> None:
+        self.offset = start
+        self.checking = checking
+        self._checked = start
+
+    @property
+    def check_due(self) -> bool:
+        return self.checking and self.offset != self._checked and self.offset % RESUME_CHUNK == 0
+
+    def room(self) -> int | None:
+        """Bytes until the next boundary (None when not checking)."""
+        if not self.checking:
+            return None
+        return RESUME_CHUNK - self.offset % RESUME_CHUNK
+
+    def checked(self) -> None:
+        self._checked = self.offset
 
 
 def _check_features(features: Iterable[str]) -> frozenset[str]:
@@ -791,7 +972,10 @@ class SenderSession:
         self._file_indices = [i for i, entry in enumerate(offer.entries) if entry.is_file]
         self._next_position = 0
         self._current: OfferEntry | None = None
-        self._remaining = 0
+        self._remaining: int | None = 0
+        self._unsized_bytes = 0
+        self._resume_at: dict[int, int] = {}
+        self._position = _Position(0, False)
         # One record-sized buffer reused for every DATA message: the file is read
         # straight into it after the type byte, and the sealer reads it from there.
         self._buffer = bytearray(MAX_RECORD_SIZE)
@@ -854,23 +1038,39 @@ class SenderSession:
             self._state = _Sender.DECLINED
             return Declined(answer.reason)
         if answer.resume_points:
-            raise self._fail("the receiver asked to resume files, which was not negotiated")
+            if RESUME not in self.features:
+                raise self._fail("the receiver asked to resume files, which was not negotiated")
+            problem = _resume_problem(self.offer, answer.resume_points)
+            if problem:
+                raise self._fail(f"the receiver asked to resume wrongly: {problem}")
+            self._resume_at = dict(answer.resume_points)
         self._state = _Sender.SENDING
         return Accepted()
 
     def _on_ack(self, ack: Ack) -> Completed:
-        if (ack.file_count, ack.total_bytes) != (self.offer.file_count, self.offer.total_bytes):
+        total = self.offer.total_bytes + self._unsized_bytes
+        if (ack.file_count, ack.total_bytes) != (self.offer.file_count, total):
             raise self._fail(
                 f"the receiver confirmed {ack.file_count} files and {ack.total_bytes} bytes, "
-                f"but {self.offer.file_count} files and {self.offer.total_bytes} bytes were sent"
+                f"but {self.offer.file_count} files and {total} bytes were sent"
             )
         self._state = _Sender.FINISHED
         return Completed(ack.file_count, ack.total_bytes)
 
+    @property
+    def missing_features(self) -> frozenset[str]:
+        """What the offer needs that the receiver did not advertise (known after its hello).
+
+        Not empty means the offer cannot be sent: tell the user (and the receiver) why.
+        """
+        return self.offer.needed_features() - self.features
+
     def offer_messages(self) -> list[bytes]:
         """The OFFER records, after the hello: as many as the JSON needs."""
         self._expect(_Sender.HELLO_RECEIVED)
-        document = self.offer.to_json(version=self.version, features=self.features)
+        if self.missing_features:
+            raise TransferError(f"the receiver lacks {', '.join(sorted(self.missing_features))}")
+        document = self.offer.to_json(version=self.version, features=self.features, with_ids=RESUME in self.features)
         if len(document) > MAX_OFFER_BYTES:
             raise TransferError(
                 f"the offer is {format_size(len(document))}, over the {format_size(MAX_OFFER_BYTES)} limit; "
@@ -888,25 +1088,59 @@ class SenderSession:
             return None
         return self.offer.entries[self._file_indices[self._next_position]]
 
+    def start_offset(self, entry: OfferEntry) -> int:
+        """Where `entry` starts: the receiver's resume point for it, else 0. Seek there."""
+        if entry != self.next_file():
+            raise RuntimeError(f"{entry.path} is not the next file to send")
+        return self._resume_at.get(self._file_indices[self._next_position], 0)
+
+    @property
+    def resuming(self) -> bool:
+        """True when CHECKs are due (resume was negotiated): read with chunk digests."""
+        return RESUME in self.features
+
     def begin_file(self, entry: OfferEntry) -> bytes:
         """The FILE message for `entry`, which must be `next_file()`."""
         if entry != self.next_file():
             raise RuntimeError(f"{entry.path} is not the next file to send")
         index = self._file_indices[self._next_position]
+        start = self._resume_at.get(index, 0)
         self._current = entry
-        self._remaining = entry.size
+        self._remaining = None if entry.size is None else entry.size - start
+        self._position = _Position(start, self.resuming and entry.size is not None)
         self._state = _Sender.IN_FILE
-        return FileStart(index, 0).encode()
+        return FileStart(index, start).encode()
 
     @property
-    def file_remaining(self) -> int:
-        """Bytes of the current file still to send."""
+    def check_due(self) -> bool:
+        """A RESUME_CHUNK boundary was reached: send `check(chunk digest)` before anything else."""
+        return self._state is _Sender.IN_FILE and self._position.check_due
+
+    def check(self, digest: bytes) -> bytes:
+        """The CHECK message for the chunk that just ended."""
+        self._expect(_Sender.IN_FILE)
+        if not self._position.check_due:
+            raise RuntimeError("no chunk boundary was reached")
+        self._position.checked()
+        return Check(digest).encode()
+
+    @property
+    def file_remaining(self) -> int | None:
+        """Bytes of the current file still to send; None while sending a file of unknown size."""
         return self._remaining if self._state is _Sender.IN_FILE else 0
 
+    def _room(self, limit: int = MAX_DATA_SIZE) -> int:
+        if self._position.check_due:
+            raise RuntimeError("a CHECK is due first")
+        room = limit if self._remaining is None else min(limit, self._remaining)
+        boundary = self._position.room()
+        return room if boundary is None else min(room, boundary)
+
     def data_buffer(self) -> memoryview:
-        """Where to read the next piece of the current file (at most its remaining size)."""
+        """Where to read the next piece of the current file (at most its remaining size, and
+        never across a RESUME_CHUNK boundary under resume)."""
         self._expect(_Sender.IN_FILE)
-        return self._view[1 : 1 + min(MAX_DATA_SIZE, self._remaining)]
+        return self._view[1 : 1 + self._room()]
 
     def data_message(self, count: int) -> memoryview:
         """The DATA message for the `count` bytes just read into `data_buffer()`.
@@ -914,16 +1148,44 @@ class SenderSession:
         The result shares the buffer: seal or copy it before the next `data_buffer()`.
         """
         self._expect(_Sender.IN_FILE)
-        if not 1 <= count <= min(MAX_DATA_SIZE, self._remaining):
+        if not 1 <= count <= self._room():
             raise ValueError(f"{count} bytes do not fit the data buffer ({self._remaining} remaining)")
-        self._remaining -= count
+        self._sent(count)
         return self._view[: 1 + count]
+
+    def compressed_messages(self, frame: bytes, content_size: int) -> list[bytes]:
+        """The ZDATA messages carrying `frame`, one zstd frame of `content_size` bytes of the file.
+
+        Only when zstd was negotiated; the frame comes from `compression.compress_block`.
+        """
+        self._expect(_Sender.IN_FILE)
+        if ZSTD not in self.features:
+            raise RuntimeError("zstd was not negotiated")
+        if not 1 <= content_size <= self._room(compression.FRAME_CONTENT):
+            raise ValueError(f"a frame of {content_size} bytes does not fit ({self._remaining} remaining)")
+        if not 1 <= len(frame) <= compression.MAX_FRAME_BYTES:
+            raise ValueError(f"a frame of {len(frame)} compressed bytes is out of bounds")
+        self._sent(content_size)
+        step = MAX_RECORD_SIZE - 2
+        last = (len(frame) - 1) // step
+        return [
+            CompressedData(i < last, frame[i * step : (i + 1) * step]).encode() for i in range(last + 1)
+        ]
+
+    def _sent(self, count: int) -> None:
+        self._position.offset += count
+        if self._remaining is None:
+            self._unsized_bytes += count
+        else:
+            self._remaining -= count
 
     def end_file(self, digest: bytes) -> bytes:
         """The FILE_END message, once every byte of the file is sent."""
         self._expect(_Sender.IN_FILE)
         if self._remaining:
             raise RuntimeError(f"{self._current.path}: {self._remaining} bytes not sent yet")
+        if self._position.check_due:
+            raise RuntimeError("a CHECK is due first")
         message = FileEnd(digest).encode()
         self._current = None
         self._next_position += 1
@@ -971,7 +1233,13 @@ class ReceiverSession:
         self._file_indices: list[int] = []
         self._next_position = 0
         self._current: OfferEntry | None = None
-        self._remaining = 0
+        self._remaining: int | None = 0
+        self._unsized_bytes = 0
+        """Bytes received for files of unknown size: they count in the ACK's total."""
+        self._frame = bytearray()
+        """The compressed frame being gathered, piece by piece (feature zstd)."""
+        self._resume_at: dict[int, int] = {}
+        self._position = _Position(0, False)
 
     @property
     def finished(self) -> bool:
@@ -1015,8 +1283,17 @@ class ReceiverSession:
             return self._on_file_start(message)
         if state is _Receiver.RECEIVING and isinstance(message, Done):
             return self._on_done()
+        if self._frame and not isinstance(message, CompressedData):
+            raise self._fail(f"the sender sent {_NAMES[type(message)]} inside a compressed frame")
+        if state is _Receiver.IN_FILE and self._position.check_due:
+            if not isinstance(message, Check):
+                raise self._fail(f"the sender sent {_NAMES[type(message)]} where a check was due")
+            self._position.checked()
+            return ChunkChecked(self._current, self._position.offset, message.digest)
         if state is _Receiver.IN_FILE and isinstance(message, Data):
             return self._on_data(message)
+        if state is _Receiver.IN_FILE and isinstance(message, CompressedData) and ZSTD in self.features:
+            return self._on_compressed(message)
         if state is _Receiver.IN_FILE and isinstance(message, FileEnd):
             return self._on_file_end(message)
         raise self._fail(f"the sender sent {_NAMES[type(message)]} while the receiver was {state.value}")
@@ -1037,6 +1314,9 @@ class ReceiverSession:
         if not features <= self._supported:
             unknown = ", ".join(sorted(features - self._supported))
             raise self._fail(f"the sender uses features this receiver did not offer: {unknown}")
+        if not offer.needed_features() <= features:
+            missing = ", ".join(sorted(offer.needed_features() - features))
+            raise self._fail(f"the offer needs features the sender did not choose: {missing}")
         self.offer = offer
         self.features = features
         self._file_indices = [i for i, entry in enumerate(offer.entries) if entry.is_file]
@@ -1049,22 +1329,51 @@ class ReceiverSession:
         expected = self._file_indices[self._next_position]
         if start.index != expected:
             raise self._fail(f"the sender started entry {start.index}, expected entry {expected}")
-        if start.offset != 0:
-            raise self._fail("the sender resumed a file, which was not negotiated")
+        wanted = self._resume_at.get(expected, 0)
+        if start.offset != wanted:
+            if not self._resume_at:
+                raise self._fail("the sender resumed a file, which was not asked for")
+            raise self._fail(f"the sender started entry {expected} at byte {start.offset}, not {wanted}")
         self._current = self.offer.entries[expected]
-        self._remaining = self._current.size
+        size = self._current.size
+        self._remaining = None if size is None else size - wanted
+        self._position = _Position(wanted, RESUME in self.features and size is not None)
         self._state = _Receiver.IN_FILE
-        return FileStarted(self._current)
+        return FileStarted(self._current, wanted)
 
     def _on_data(self, data: Data) -> FileData:
-        if len(data.data) > self._remaining:
-            raise self._fail(f"{self._current.path}: the sender sent more bytes than offered")
-        self._remaining -= len(data.data)
+        self._count(len(data.data))
         return FileData(self._current, data.data)
+
+    def _on_compressed(self, piece: CompressedData) -> FileData | None:
+        if len(self._frame) + len(piece.chunk) > compression.MAX_FRAME_BYTES:
+            raise self._fail(f"{self._current.path}: a compressed frame is over {compression.MAX_FRAME_BYTES} bytes")
+        self._frame += piece.chunk
+        if piece.more:
+            return None
+        frame, self._frame = self._frame, bytearray()
+        try:
+            content = compression.inflate_frame(frame, self._remaining)
+        except compression.CompressionError as exc:
+            raise self._fail(f"{self._current.path}: {exc}") from None
+        self._count(len(content))
+        return FileData(self._current, memoryview(content))
+
+    def _count(self, size: int) -> None:
+        boundary = self._position.room()
+        if boundary is not None and size > boundary:
+            raise self._fail(f"{self._current.path}: the sender ran past a check point")
+        self._position.offset += size
+        if self._remaining is None:
+            self._unsized_bytes += size
+            return
+        if size > self._remaining:
+            raise self._fail(f"{self._current.path}: the sender sent more bytes than offered")
+        self._remaining -= size
 
     def _on_file_end(self, end: FileEnd) -> FileFinished:
         entry = self._current
-        if self._remaining:
+        if self._remaining:  # None (size unknown) ends whenever the sender says so
             raise self._fail(
                 f"{entry.path}: the sender ended the file after {entry.size - self._remaining} "
                 f"of {entry.size} bytes"
@@ -1080,13 +1389,25 @@ class ReceiverSession:
                 f"the sender finished after {self._next_position} of {len(self._file_indices)} files"
             )
         self._state = _Receiver.DONE_RECEIVED
-        return TransferDone(self.offer.file_count, self.offer.total_bytes)
+        return TransferDone(self.offer.file_count, self.offer.total_bytes + self._unsized_bytes)
 
-    def accept(self) -> bytes:
-        """ANSWER accepting the offer (after planning the destination)."""
+    def accept(self, resume_points: dict[int, int] | None = None) -> bytes:
+        """ANSWER accepting the offer (after planning the destination).
+
+        `resume_points` maps offer entry indices to the bytes already verified here
+        (feature resume); the sender then starts those files there.
+        """
         self._expect(_Receiver.DECIDING)
+        points = sorted((resume_points or {}).items())
+        if points:
+            if RESUME not in self.features:
+                raise RuntimeError("resume was not negotiated")
+            problem = _resume_problem(self.offer, points)
+            if problem:
+                raise ValueError(problem)
+        self._resume_at = dict(points)
         self._state = _Receiver.RECEIVING
-        return Answer(True).encode()
+        return Answer(True, "", points).encode()
 
     def decline(self, reason: str = "") -> bytes:
         """ANSWER declining the offer; the session is over."""
@@ -1098,7 +1419,7 @@ class ReceiverSession:
         """The ACK: call it only once every file is verified and renamed into place."""
         self._expect(_Receiver.DONE_RECEIVED)
         self._state = _Receiver.FINISHED
-        return Ack(self.offer.file_count, self.offer.total_bytes).encode()
+        return Ack(self.offer.file_count, self.offer.total_bytes + self._unsized_bytes).encode()
 
     def error(self, reason: str) -> bytes:
         """An ERROR message telling the sender why we stop; the session is over."""

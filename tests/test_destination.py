@@ -280,3 +280,79 @@ def test_unplanned_entries_are_refused(tmp_path):
     receive(destination, file_entry("a", 1), b"1")
     with pytest.raises(RuntimeError):
         destination.open_part(file_entry("a", 1))
+
+
+# --- what to do with names that exist: refuse, overwrite, rename ------------------------------
+
+
+@pytest.mark.parametrize(
+    "name, number, directory, expected",
+    [
+        ("report.pdf", 1, False, "report (1).pdf"),
+        ("report.pdf", 12, False, "report (12).pdf"),
+        ("logs.tar.gz", 2, False, "logs (2).tar.gz"),
+        (".bashrc", 1, False, ".bashrc (1)"),
+        ("photos.2024", 1, True, "photos.2024 (1)"),
+        ("noext", 3, False, "noext (3)"),
+        ("é" * 127 + ".txt", 1, False, "é" * 123 + " (1).txt"),
+    ],
+)
+def test_numbered_names(name, number, directory, expected):
+    result = destination_module.numbered_name(name, number, directory=directory)
+    assert result == expected
+    assert len(result.encode()) <= 255
+
+
+def test_rename_saves_a_file_beside_the_existing_one(tmp_path):
+    (tmp_path / "a.txt").write_bytes(b"old")
+    (tmp_path / "a (1).txt").write_bytes(b"older")
+    offer = Offer([file_entry("a.txt", 3)])
+    destination = Destination(tmp_path, rename=True)
+    assert destination.plan(offer) == [tmp_path / "a (2).txt"]
+    assert receive(destination, offer.entries[0], b"new") == tmp_path / "a (2).txt"
+    assert destination.renamed == {"a.txt": "a (2).txt"}
+    assert (tmp_path / "a.txt").read_bytes() == b"old"
+    assert (tmp_path / "a (2).txt").read_bytes() == b"new"
+    with pytest.raises(ValueError):
+        Destination(tmp_path, rename=True, overwrite=True)
+
+
+def test_rename_moves_a_whole_tree_and_never_picks_an_offered_name(tmp_path):
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "x").write_bytes(b"mine")
+    # The sender also offers "d (1)", so the renamed "d" must skip that name.
+    offer = Offer([dir_entry("d"), file_entry("d/x", 3), dir_entry("d/empty"), file_entry("d (1)", 1)])
+    destination = Destination(tmp_path, rename=True)
+    paths = destination.plan(offer)
+    assert paths[:3] == [tmp_path / "d (2)", tmp_path / "d (2)" / "x", tmp_path / "d (2)" / "empty"]
+    assert paths[3] == tmp_path / "d (1)"
+    receive(destination, offer.entries[1], b"new")
+    receive(destination, offer.entries[3], b"1")
+    destination.finish()
+    assert (tmp_path / "d" / "x").read_bytes() == b"mine"
+    assert (tmp_path / "d (2)" / "x").read_bytes() == b"new"
+    assert (tmp_path / "d (2)" / "empty").is_dir()
+    assert (tmp_path / "d (1)").read_bytes() == b"1"
+
+
+def test_rename_takes_the_next_name_if_one_appears_during_the_transfer(tmp_path):
+    offer = Offer([file_entry("a.txt", 3), dir_entry("d"), file_entry("d/f", 1)])
+    destination = Destination(tmp_path, rename=True)
+    destination.plan(offer)
+    part = destination.open_part(offer.entries[0])
+    part.write(b"new")
+    (tmp_path / "a.txt").write_bytes(b"someone else's")
+    (tmp_path / "d").mkdir()  # appears before our directory is created
+    assert destination.commit(part, digest(b"new")) == tmp_path / "a (1).txt"
+    assert receive(destination, offer.entries[2], b"f") == tmp_path / "d (1)" / "f"
+    destination.finish()
+    assert (tmp_path / "a.txt").read_bytes() == b"someone else's"
+    assert os.listdir(tmp_path / "d") == []
+    assert destination.renamed == {"a.txt": "a (1).txt", "d": "d (1)"}
+    assert leftovers(tmp_path) == []
+
+
+def test_refusal_names_both_ways_out(tmp_path):
+    (tmp_path / "a").write_bytes(b"old")
+    with pytest.raises(DestinationError, match="--overwrite replaces it, --rename saves beside it"):
+        Destination(tmp_path).plan(Offer([file_entry("a", 1)]))

@@ -112,12 +112,12 @@ def test_receiver_declines(relay_process, tmp_path):
     assert not (out / "f.txt").exists()
 
 
-def test_sender_killed_mid_transfer_leaves_nothing(relay_process, tmp_path):
+def test_sender_killed_mid_transfer_leaves_nothing_without_resume(relay_process, tmp_path):
     (tmp_path / "huge.bin").write_bytes(os.urandom(64 * 1024 * 1024))
     out = tmp_path / "out"
     sender = peer("send", *relay_process.peer_args(), "--password", CODE, "huge.bin", cwd=tmp_path)
     # A slow reader: the receiver writes through a pipe we do not drain until the kill.
-    receiver = peer("recv", *relay_process.peer_args(), "-y", "-o", str(out), CODE, cwd=tmp_path)
+    receiver = peer("recv", *relay_process.peer_args(), "-y", "--no-resume", "-o", str(out), CODE, cwd=tmp_path)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         parts = list(out.glob("*.peer-part")) if out.exists() else []
@@ -177,9 +177,16 @@ def test_existing_file_is_not_overwritten(relay_process, tmp_path):
     assert r == 1 and "f.txt" in r_err and "exists" in r_err, r_err
     assert s == 1
     assert (out / "f.txt").read_text() == "old"
+    (s, _, s_err), (r, _, r_err), _ = transfer_through(relay_process, tmp_path, "f.txt", recv_extra=["--rename"])
+    assert (s, r) == (0, 0), s_err + r_err
+    assert (out / "f.txt").read_text() == "old"
+    assert (out / "f (1).txt").read_text() == "new"
+    assert "f.txt existed already: saved as f (1).txt" in r_err
     (s, _, s_err), (r, _, r_err), _ = transfer_through(relay_process, tmp_path, "f.txt", recv_extra=["--overwrite"])
     assert (s, r) == (0, 0), s_err + r_err
     assert (out / "f.txt").read_text() == "new"
+    r, _, r_err = finish(peer("recv", "--overwrite", "--rename", "x", cwd=tmp_path))
+    assert r == 2 and "not allowed with" in r_err
 
 
 def test_embedded_relay_prints_the_command_to_type(tmp_path):
@@ -230,3 +237,19 @@ async def test_hostile_sender_names_are_refused(relay_process, tmp_path, hostile
     assert list(out.iterdir()) == []
     assert not (tmp_path / "dest" / "x").exists() and not (tmp_path / "x").exists()
     assert not Path("/tmp/peer-relay-absolute").exists()
+
+
+def test_text_message_is_printed_by_the_receiver_and_nothing_is_written(relay_process, tmp_path):
+    message = "Meet at 10:30\nroom B\u00e9\t\x1b[31mred\x1b[0m"
+    out = tmp_path / "out"
+    sender = peer("send", *relay_process.peer_args(), "--password", CODE, "--text", message, cwd=tmp_path)
+    receiver = peer("recv", *relay_process.peer_args(), "-y", "-o", str(out), CODE, cwd=tmp_path)
+    r, r_out, r_err = finish(receiver)
+    s, _, s_err = finish(sender)
+    assert (s, r) == (0, 0), s_err + r_err
+    assert r_out == message + "\n"  # a pipe gets the text exactly as sent
+    assert "a text message (35 B)" in r_err
+    assert "receiver confirmed" in s_err
+    assert not out.exists()
+    s, _, err = finish(peer("send", "--text", "x", "f.txt", cwd=tmp_path))
+    assert s == 2 and "not both" in err

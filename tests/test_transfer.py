@@ -705,3 +705,71 @@ def test_receiver_reports_unexpected_sizes_end_to_end(dirs):
         receiver.receive(FileEnd(blake3.blake3(b"1234").digest()).encode())
     destination.abort()
     assert os.listdir(target) == []
+
+
+# --- text messages and files of unknown size ----------------------------------------------
+
+
+def test_a_text_offer_round_trips_and_needs_the_text_feature():
+    offer = Offer((), "hello\nworld")
+    assert offer.summary() == "a text message (11 B)"
+    assert offer.needed_features() == {"text"}
+    assert Offer.from_json(offer.to_json(features=["text"])) == (offer, 1, frozenset({"text"}))
+    for bad in [lambda: Offer([file_entry("a", 1)], "both"), lambda: Offer((), "x" * (2**20 + 1))]:
+        with pytest.raises(ValueError):
+            bad()
+    # A receiver that did not offer "text" refuses such an offer...
+    receiver = ReceiverSession()
+    receiver.hello()
+    with pytest.raises(ProtocolError, match="did not choose: text"):
+        receiver.receive(OfferPart(False, offer.to_json()).encode())
+    # ...and a sender learns from the hello that it cannot send it.
+    sender = SenderSession(offer, features=["text"])
+    sender.receive(Hello().encode())
+    assert sender.missing_features == {"text"}
+    with pytest.raises(Exception, match="lacks text"):
+        sender.offer_messages()
+
+
+def test_a_text_transfer_is_offer_done_ack():
+    offer = Offer((), "hi")
+    sender = SenderSession(offer, features=["text"])
+    receiver = ReceiverSession(features=["text"])
+    sender.receive(receiver.hello())
+    events = [receiver.receive(m) for m in sender.offer_messages()]
+    assert events[-1].offer.text == "hi"
+    assert sender.receive(receiver.accept()) == Accepted()
+    assert sender.next_file() is None
+    assert receiver.receive(sender.done()) == TransferDone(0, 0)
+    assert sender.receive(receiver.acknowledge()) == Completed(0, 0)
+
+
+def test_unknown_sizes_are_counted_into_the_ack():
+    offer = Offer([file_entry("stdin", None), file_entry("b", 2)])
+    assert offer.summary() == "2 items: stdin, b (2 files, 2 B and more)"
+    assert Offer([file_entry("stdin", None)]).summary() == "stdin (size unknown)"
+    sender = SenderSession(offer, features=["unknown-size"])
+    receiver = ReceiverSession(features=["unknown-size"])
+    sender.receive(receiver.hello())
+    for message in sender.offer_messages():
+        receiver.receive(message)
+    sender.receive(receiver.accept())
+    receiver.receive(sender.begin_file(sender.next_file()))
+    assert sender.file_remaining is None
+    for size in (MAX_DATA_SIZE, 5):
+        sender.data_buffer()[:size] = bytes(size)
+        assert len(receiver.receive(sender.data_message(size)).data) == size
+    assert isinstance(receiver.receive(sender.end_file(DIGEST)), FileFinished)
+    receiver.receive(sender.begin_file(sender.next_file()))
+    sender.data_buffer()[:2] = b"ab"
+    receiver.receive(sender.data_message(2))
+    receiver.receive(sender.end_file(DIGEST))
+    total = MAX_DATA_SIZE + 5 + 2
+    assert receiver.receive(sender.done()) == TransferDone(2, total)
+    assert sender.receive(receiver.acknowledge()) == Completed(2, total)
+    plain = ReceiverSession()
+    plain.hello()
+    with pytest.raises(ProtocolError, match="unknown-size"):
+        plain.receive(OfferPart(False, offer.to_json()).encode())
+    with pytest.raises(ProtocolError, match="no size"):
+        Offer.from_json(b'{"version":1,"entries":[{"kind":"file","path":"a"}],"file_count":1,"total_bytes":0}')
