@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import enum
 import logging
-from typing import Hashable, Union
+from typing import Callable, Hashable, Union
 
 import attrs
 
@@ -55,6 +55,28 @@ class Close:
 
 
 Output = Union[Send, Close]
+
+HelloGate = Callable[[Hashable], Union[str, None]]
+"""Asked about every Hello, with the connection it came on: None lets it through, a string
+refuses it (Timeout 0f, then close) and says why, for the log."""
+
+
+@attrs.define
+class HandshakeCounts:
+    """What the relay saw of handshakes since it started: for the metrics.
+
+    The relay cannot read a handshake, only which packets pass: a client's
+    X_and_client_identity (07) starts one with a server, the server's Agreement (08) means
+    both sides proved the same code, a Spoke_failure (0d) that it failed (a wrong code,
+    most often), Refused (0b) and Accepted (0a) are the receiver's answer to an agreement.
+    """
+
+    started: int = 0
+    agreed: int = 0
+    failed: int = 0
+    refused: int = 0
+    accepted: int = 0
+    hellos_refused: int = 0
 
 
 class Role(enum.StrEnum):
@@ -109,9 +131,12 @@ class _Peer:
 class Relay:
     """The handshake relay: registrations, forwarding, pairings and departures."""
 
-    def __init__(self, rooms: RoomBook | None = None, uids: UidPool | None = None) -> None:
+    def __init__(self, rooms: RoomBook | None = None, uids: UidPool | None = None,
+                 hello_gate: HelloGate | None = None) -> None:
         self.rooms = rooms if rooms is not None else RoomBook()
         self._uids = uids if uids is not None else UidPool()
+        self.hello_gate = hello_gate
+        self.counts = HandshakeCounts()
         self._conns: dict[Hashable, _Peer] = {}
         self._registered: dict[Role, dict[int, _Peer]] = {Role.CLIENT: {}, Role.SERVER: {}}
 
@@ -237,6 +262,15 @@ class Relay:
         if peer.role is not None and peer.role is not role:
             log.debug("%s sent a Hello as a %s: ignored", peer.describe(), role)
             return
+        refusal = self.hello_gate(peer.conn) if self.hello_gate is not None else None
+        if refusal is not None:
+            self.counts.hellos_refused += 1
+            if peer.role is None:
+                self._send(out, peer, wire.RELAY_UID, wire.Timeout())
+                self._close(out, peer, refusal)
+            else:
+                self._depart(out, peer, refusal, timed_out=True)
+            return
         if peer.role is None:
             new_uid = self._uids.allocate()
             if new_uid is None:
@@ -284,14 +318,22 @@ class Relay:
                     return
                 self._pair(out, sender, target)
                 return
+            case wire.XAndClientIdentity():
+                self.counts.started += 1
             case wire.Agreement():
+                self.counts.agreed += 1
                 self._link(sender, target, _Link.AGREED)
             case wire.Refused() | wire.SpokeFailure():
+                if isinstance(packet, wire.Refused):
+                    self.counts.refused += 1
+                else:
+                    self.counts.failed += 1
                 self._link(sender, target, _Link.ENDED)
         self._send(out, target, sender.uid, packet)
 
     def _pair(self, out: list[Output], client: _Peer, server: _Peer) -> None:
         log.info("%s accepted %s: room booked", client.describe(), server.describe())
+        self.counts.accepted += 1
         client_uid, server_uid = client.uid, server.uid
         told_of_client = self._unregister(client)
         told_of_server = self._unregister(server)

@@ -23,6 +23,8 @@ from typing import Protocol, Union
 import attrs
 import trio
 
+from relay.limits import RoomMeter
+
 try:
     import fcntl
 except ImportError:  # not POSIX: no kernel pipes to size, and no splice either
@@ -107,7 +109,7 @@ class _Carrier(Protocol):
 
     def room(self) -> bool: ...
 
-    def fill(self, src: _Endpoint) -> int: ...
+    def fill(self, src: _Endpoint, limit: int | None = None) -> int: ...
 
     def drain(self, dst: _Endpoint) -> int: ...
 
@@ -126,10 +128,13 @@ class _SpliceCarrier:
     def room(self) -> bool:
         return self.pending < self.capacity
 
-    def fill(self, src: _Endpoint) -> int:
+    def fill(self, src: _Endpoint, limit: int | None = None) -> int:
         # The kernel may stop short of the count when the pipe's page slots run out; it then
         # says EAGAIN and the caller drains before reading again.
-        moved = os.splice(src.fd, self._write_fd, self.capacity - self.pending, flags=_SPLICE_FLAGS)
+        wanted = self.capacity - self.pending
+        if limit is not None:
+            wanted = min(wanted, limit)
+        moved = os.splice(src.fd, self._write_fd, wanted, flags=_SPLICE_FLAGS)
         self.pending += moved
         self.moved_any = True
         return moved
@@ -156,8 +161,9 @@ class _BufferCarrier:
     def room(self) -> bool:
         return self._end < len(self._view)
 
-    def fill(self, src: _Endpoint) -> int:
-        got = src.raw.recv_into(self._view[self._end:])
+    def fill(self, src: _Endpoint, limit: int | None = None) -> int:
+        end = len(self._view) if limit is None else min(len(self._view), self._end + limit)
+        got = src.raw.recv_into(self._view[self._end:end])
         self._end += got
         self.pending += got
         return got
@@ -203,6 +209,8 @@ class _Direction:
     src: _Endpoint
     dst: _Endpoint
     carrier: _Carrier
+    meter: RoomMeter | None = None
+    """Shared by both directions: bytes delivered (for live metrics) and the rate limit."""
     reading: trio.CancelScope = attrs.field(factory=trio.CancelScope)
     delivered: int = 0
     src_ended: bool = False
@@ -228,8 +236,10 @@ class _Ending:
     reason: str = "cancelled"
 
 
-async def blind_pipe(a: SocketLike, b: SocketLike) -> PipeStats:
+async def blind_pipe(a: SocketLike, b: SocketLike, *, meter: RoomMeter | None = None) -> PipeStats:
     """Copy ``a`` <-> ``b`` until either ends, then mark the end on both and close both.
+
+    ``meter`` counts the bytes as they go and may limit the room's rate (``relay.limits``).
 
     Takes ownership of both sockets: they are closed when this returns, whatever happens.
     Never raises; if cancelled from outside it still writes the marker where it can without
@@ -249,9 +259,9 @@ async def blind_pipe(a: SocketLike, b: SocketLike) -> PipeStats:
         return PipeStats(0, 0, "", type(error).__name__, False)
     directions: list[_Direction] = []
     try:
-        a_to_b = _Direction(end_a, end_b, _new_carrier())
+        a_to_b = _Direction(end_a, end_b, _new_carrier(), meter)
         directions.append(a_to_b)
-        b_to_a = _Direction(end_b, end_a, _new_carrier())
+        b_to_a = _Direction(end_b, end_a, _new_carrier(), meter)
         directions.append(b_to_a)
         ending = _Ending()
         finished = False
@@ -298,14 +308,15 @@ async def _run(this: _Direction, other: _Direction, ending: _Ending) -> None:
 
 async def _copy(direction: _Direction) -> tuple[str, str]:
     """Carry bytes until the source ends or either socket fails; say which side and why."""
-    src, dst = direction.src, direction.dst
+    src, dst, meter = direction.src, direction.dst, direction.meter
     since_yield = 0
     while True:
         carrier = direction.carrier
         progressed = False
-        if carrier.room():
+        budget = None if meter is None else meter.allowance(trio.current_time())
+        if carrier.room() and budget != 0:
             try:
-                got = carrier.fill(src)
+                got = carrier.fill(src, budget)
             except BlockingIOError:
                 pass
             except OSError as error:
@@ -318,6 +329,8 @@ async def _copy(direction: _Direction) -> tuple[str, str]:
                 if got == 0:
                     direction.src_ended = True
                     return src.name, "EOF"
+                if meter is not None:
+                    meter.spend(got)
                 progressed = True
         if carrier.pending:
             try:
@@ -329,6 +342,8 @@ async def _copy(direction: _Direction) -> tuple[str, str]:
                 return dst.name, type(error).__name__
             else:
                 direction.delivered += sent
+                if meter is not None:
+                    meter.delivered += sent
                 since_yield += sent
                 progressed = True
         if progressed:
@@ -342,6 +357,9 @@ async def _copy(direction: _Direction) -> tuple[str, str]:
             # than for more input. This is where backpressure happens.
             since_yield = 0
             await trio.lowlevel.wait_writable(dst.fd)
+        elif budget == 0:
+            since_yield = 0  # the room's rate limit: nothing may be read before then
+            await trio.sleep(meter.wait(trio.current_time()))
         else:
             since_yield = 0
             await trio.lowlevel.wait_readable(src.fd)
@@ -360,7 +378,10 @@ async def _flush(direction: _Direction) -> None:
     carrier, dst = direction.carrier, direction.dst
     while carrier.pending:
         try:
-            direction.delivered += carrier.drain(dst)
+            sent = carrier.drain(dst)
+            direction.delivered += sent
+            if direction.meter is not None:
+                direction.meter.delivered += sent
         except BlockingIOError:
             await trio.lowlevel.wait_writable(dst.fd)
         except OSError:

@@ -9,7 +9,7 @@ This module only decides; the driver owns the sockets (``holder`` is whatever it
 name one) and the clock (``now`` is passed in, in the driver's time).
 
 Differences from bob, on purpose: a pair nobody claims is forgotten after ``ttl`` (bob keeps
-it forever), and when a new booking reuses a ticket of an older pair still pending (a NAT
+it forever; ours may change while the relay runs, for pairs booked from then on), and when a new booking reuses a ticket of an older pair still pending (a NAT
 gave the same ``ip:port`` to someone else), the new pair wins and the old one expires at
 once: a stale pair must not capture a live peer.
 """
@@ -63,6 +63,8 @@ class _Pair:
     server_identity: bytes
     deadline: float | None
     """None until the book learns the time (see ``RoomBook.book``)."""
+    ttl: float = 0.0
+    """The ttl its deadline was stamped with: which queue of the book holds it."""
     client_holder: Any = _NOBODY
     """The receiver's connection: its ticket is the *server* identity."""
     server_holder: Any = _NOBODY
@@ -79,20 +81,30 @@ class RoomBook:
     """Booked pairs, waiting halves, and their expiry."""
 
     def __init__(self, ttl: float = DEFAULT_TTL) -> None:
-        if not ttl >= 0:
-            raise ValueError(f"ttl must be >= 0, not {ttl!r}")
         self.ttl = ttl
-        # Pairs in deadline order: with one ttl and a clock that never goes back, booking
-        # order is deadline order, so the next to expire is always the first one.
-        self._pairs: collections.OrderedDict[_Pair, None] = collections.OrderedDict()
+        # Pairs in deadline order, one queue per ttl: with one ttl and a clock that never goes
+        # back, booking order is deadline order, so the next to expire is a queue's first.
+        # Several queues exist only for a while after the ttl changed.
+        self._queues: dict[float, collections.OrderedDict[_Pair, None]] = {}
         self._unstamped: list[_Pair] = []
         self._by_ticket: dict[bytes, _Pair] = {}
         self._by_holder: dict[Hashable, _Pair] = {}
 
     @property
+    def ttl(self) -> float:
+        """Seconds a booked pair may wait to be joined; a change applies to new bookings."""
+        return self._ttl
+
+    @ttl.setter
+    def ttl(self, value: float) -> None:
+        if not value >= 0:
+            raise ValueError(f"ttl must be >= 0, not {value!r}")
+        self._ttl = value
+
+    @property
     def pending(self) -> int:
         """Booked pairs not yet joined (including those with one half waiting)."""
-        return len(self._pairs) + len(self._unstamped)
+        return sum(map(len, self._queues.values())) + len(self._unstamped)
 
     @property
     def waiting(self) -> int:
@@ -116,8 +128,7 @@ class RoomBook:
             self._unstamped.append(pair)
         else:
             self._stamp(now)
-            pair.deadline = now + self.ttl
-            self._pairs[pair] = None
+            self._enqueue(pair, now + self.ttl)
         log.debug("room booked for client %s and server %s", _text(pair.client_identity),
                   _text(pair.server_identity))
 
@@ -158,28 +169,33 @@ class RoomBook:
         """Drop pairs booked more than ``ttl`` ago; return the waiting holders to close."""
         self._stamp(now)
         to_close: list[Hashable] = []
-        while self._pairs:
-            pair = next(iter(self._pairs))
-            assert pair.deadline is not None
-            if pair.deadline > now:
-                break
-            to_close.extend(pair.holders())
-            self._forget(pair)
+        for ttl, queue in list(self._queues.items()):
+            while queue:
+                pair = next(iter(queue))
+                assert pair.deadline is not None
+                if pair.deadline > now:
+                    break
+                to_close.extend(pair.holders())
+                self._forget(pair)
+            if not queue:
+                self._queues.pop(ttl, None)
         return to_close
 
     def next_deadline(self) -> float | None:
         """When ``expire`` has work to do: None if never, -inf if right away."""
         if self._unstamped:
             return -math.inf
-        if not self._pairs:
-            return None
-        return next(iter(self._pairs)).deadline
+        heads = [next(iter(queue)).deadline for queue in self._queues.values() if queue]
+        return min(heads) if heads else None
 
     def _stamp(self, now: float) -> None:
         for pair in self._unstamped:
-            pair.deadline = now + self.ttl
-            self._pairs[pair] = None
+            self._enqueue(pair, now + self.ttl)
         self._unstamped.clear()
+
+    def _enqueue(self, pair: _Pair, deadline: float) -> None:
+        pair.deadline, pair.ttl = deadline, self.ttl
+        self._queues.setdefault(self.ttl, collections.OrderedDict())[pair] = None
 
     def _supersede(self, older: _Pair) -> None:
         """A newer booking took one of ``older``'s tickets: it can never complete."""
@@ -192,15 +208,13 @@ class RoomBook:
         # Someone waits on it: keep the pair only so that expire() hands them back at once.
         log.info("room for client %s and server %s superseded by a newer booking",
                  _text(older.client_identity), _text(older.server_identity))
-        if older in self._pairs:
-            older.deadline = -math.inf
-            self._pairs.move_to_end(older, last=False)
-        # An unstamped pair is stamped before anything expires; give it the same fate then.
-        elif older in self._unstamped:
+        if older in self._unstamped:
+            # An unstamped pair is stamped before anything expires; give it the same fate then.
             self._unstamped.remove(older)
-            older.deadline = -math.inf
-            self._pairs[older] = None
-            self._pairs.move_to_end(older, last=False)
+            self._enqueue(older, -math.inf)
+        queue = self._queues[older.ttl]
+        older.deadline = -math.inf
+        queue.move_to_end(older, last=False)
 
     def _forget(self, pair: _Pair) -> None:
         for ticket in pair.tickets():
@@ -208,7 +222,10 @@ class RoomBook:
                 del self._by_ticket[ticket]
         for holder in pair.holders():
             self._by_holder.pop(holder, None)
-        if pair in self._pairs:
-            del self._pairs[pair]
+        queue = self._queues.get(pair.ttl)
+        if queue is not None and pair in queue:
+            del queue[pair]
+            if not queue:
+                del self._queues[pair.ttl]
         elif pair in self._unstamped:
             self._unstamped.remove(pair)

@@ -21,12 +21,13 @@ import ipaddress
 import logging
 import socket
 import ssl
-from typing import Iterable, Union
+from typing import Callable, Iterable, Union
 
 import attrs
 import trio
 
 from relay import wire
+from relay.limits import RoomMeter
 from relay.pipe import BUFFER_SIZE, CLOSE_MARKER, LINGER, PipeStats
 from relay.websocket import UpgradeRequest, WebSocketError, WebSocketStream, read_upgrade_request
 
@@ -204,11 +205,16 @@ async def open_websocket(
     tls: ssl.SSLContext | None,
     timeout: float,
     trusted_proxies: Iterable[Network] = (),
+    *,
+    admit: Callable[[bytes], str | None] | None = None,
+    refusal: str | None = None,
 ) -> WebSocketArrival | None:
     """TLS (for wss), then the HTTP upgrade, within ``timeout``; route it by its path.
 
     None when it is refused or fails: the client was told why (HTTP status and a one-line
     body) where it could still hear it, the connection is closed and the reason logged.
+    ``admit`` is asked about the client's identity before the upgrade is accepted (a reason
+    refuses it with 503); ``refusal`` refuses every request with 503 and that reason.
     """
     try:
         peer_host, peer_port = tcp.socket.getpeername()[:2]
@@ -232,7 +238,13 @@ async def open_websocket(
                 raise
             route = ROUTES.get(request.path.rstrip("/") or "/")
             forwarded = _forwarded_identity(request, peer_host, peer_port, trusted_proxies)
-            if route is None:
+            if refusal is None and admit is not None and not isinstance(forwarded, str):
+                refusal = admit(forwarded)
+            if refusal is not None:
+                problem = refusal
+                answered = True
+                await request.refuse(503, refusal)
+            elif route is None:
                 problem = f"no such endpoint {request.path!r} (use {HANDSHAKE_PATH} or {ROOM_PATH})"
                 answered = True
                 await request.refuse(404, problem)
@@ -304,6 +316,7 @@ class _Flow:
     src: Endpoint
     dst: Endpoint
     name: str
+    meter: RoomMeter | None = None
     delivered: int = 0
     stopped: bool = False
     reading: trio.CancelScope | None = None
@@ -322,15 +335,16 @@ class _Ending:
     reason: str = "cancelled"
 
 
-async def stream_pipe(a: Endpoint, b: Endpoint) -> PipeStats:
+async def stream_pipe(a: Endpoint, b: Endpoint, *, meter: RoomMeter | None = None) -> PipeStats:
     """The secure room's blind pipe when either side is TLS or WebSocket.
 
     Same rules as ``relay.pipe.blind_pipe``: bytes are copied as they come, one buffer per
     direction (a slow reader slows its writer down, nothing grows); when either side ends,
     both stop reading, deliver what they hold, write the close marker ``ff ff ff ff`` to
     their destination and say goodbye; both are closed when this returns, whatever happens.
+    ``meter`` counts the bytes as they go and may limit the room's rate.
     """
-    a_to_b, b_to_a = _Flow(a, b, "a"), _Flow(b, a, "b")
+    a_to_b, b_to_a = _Flow(a, b, "a", meter), _Flow(b, a, "b", meter)
     ending = _Ending()
     try:
         async with trio.open_nursery() as nursery:
@@ -381,8 +395,18 @@ class _SideFailed(Exception):
 
 
 async def _read(flow: _Flow) -> bytes:
+    size = BUFFER_SIZE
+    meter = flow.meter
+    if meter is not None:
+        while (budget := meter.allowance(trio.current_time())) == 0:
+            await trio.sleep(meter.wait(trio.current_time()))  # the room's rate limit
+        if budget is not None:
+            size = min(size, budget)
     try:
-        return await flow.src.stream.receive_some(BUFFER_SIZE)
+        data = await flow.src.stream.receive_some(size)
+        if meter is not None:
+            meter.spend(len(data))
+        return data
     except (trio.BrokenResourceError, trio.ClosedResourceError) as error:
         raise _SideFailed(flow.name, str(error) or type(error).__name__) from None
 
@@ -394,3 +418,5 @@ async def _deliver(flow: _Flow, data: bytes) -> None:
         flow.dst_broken = True
         raise _SideFailed("b" if flow.name == "a" else "a", str(error) or type(error).__name__) from None
     flow.delivered += len(data)
+    if flow.meter is not None:
+        flow.meter.delivered += len(data)

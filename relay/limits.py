@@ -1,0 +1,310 @@
+"""Abuse limits, decided without I/O: counters and token buckets, the time passed in.
+
+A public relay is shared by strangers, so no single source may take it over: each limit
+here refuses one kind of excess, and only the connection that exceeds it. The driver asks
+before it serves (``Guard.admit`` for a new connection, ``Guard.hello`` for each Hello,
+``Guard.open_room`` for a room), tells the guard when things end, and carries out the
+refusal in the protocol's terms (a Timeout ``0f`` on the handshake port, ``01`` on the
+secure port, HTTP 503 on the WebSocket port).
+
+A *source* is an IPv4 address, or the /64 network of an IPv6 address: one IPv6 host
+usually holds a whole /64, so counting its single addresses would limit nothing.
+Addresses in ``Limits.exempt`` (by default the relay's own host, e.g. a local reverse
+proxy) are not counted per source; the total and the rooms limits still apply to them.
+
+Every limit is off when set to 0.
+"""
+
+from __future__ import annotations
+
+import collections
+import enum
+import ipaddress
+from typing import Iterable, Union
+
+import attrs
+
+Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
+
+IPV6_SOURCE_PREFIX = 64
+"""Bits of an IPv6 address that name one source."""
+ROOM_BURST_SECONDS = 0.25
+"""A rate-limited room may move this many seconds' worth of bytes at once."""
+MIN_ROOM_BURST = 64 * 1024
+"""...but at least this many bytes, so that a slow rate still moves whole buffers."""
+
+
+class Refusal(enum.StrEnum):
+    """Which limit refused; also the label of the refusals metric."""
+
+    CONNECTIONS = "connections"
+    CONNECTIONS_PER_ADDRESS = "connections_per_address"
+    HELLO_RATE = "hello_rate"
+    ROOMS = "rooms"
+
+    def describe(self) -> str:
+        return _DESCRIPTIONS[self]
+
+
+_DESCRIPTIONS = {
+    Refusal.CONNECTIONS: "too many connections to the relay",
+    Refusal.CONNECTIONS_PER_ADDRESS: "too many connections from this address",
+    Refusal.HELLO_RATE: "too many Hellos from this address",
+    Refusal.ROOMS: "too many open rooms",
+}
+
+
+def _networks(values: Iterable[str | Network]) -> tuple[Network, ...]:
+    return tuple(ipaddress.ip_network(v.strip(), strict=False) if isinstance(v, str) else v
+                 for v in values)
+
+
+def _at_least_zero(instance: object, attribute: attrs.Attribute, value: float) -> None:
+    if not value >= 0 or value == float("inf"):
+        raise ValueError(f"{attribute.name} must be 0 or more, not {value!r}")
+
+
+DEFAULT_EXEMPT = ("127.0.0.0/8", "::1/128")
+
+
+@attrs.frozen
+class Limits:
+    """The limits in force; 0 turns one off."""
+
+    max_connections: int = attrs.field(default=10_000, validator=_at_least_zero)
+    """Open connections on all ports together (each costs a descriptor or two)."""
+    max_connections_per_address: int = attrs.field(default=64, validator=_at_least_zero)
+    """Open connections from one source, on all ports together."""
+    hello_rate: float = attrs.field(default=2.0, validator=_at_least_zero)
+    """Hellos per second one source may send, sustained."""
+    hello_burst: int = attrs.field(default=20, validator=_at_least_zero)
+    """Hellos one source may send at once before ``hello_rate`` applies."""
+    max_rooms: int = attrs.field(default=1000, validator=_at_least_zero)
+    """Open secure rooms (pipes carrying a transfer)."""
+    room_rate: int = attrs.field(default=0, validator=_at_least_zero)
+    """Bytes per second one room may carry, both directions together (0: unlimited)."""
+    exempt: tuple[Network, ...] = attrs.field(default=DEFAULT_EXEMPT, converter=_networks)
+    """Addresses not counted per source."""
+
+
+def source_of(host: str, exempt: Iterable[Network] = ()) -> str | None:
+    """The source an address belongs to, or None if it is exempt (or not an IP address)."""
+    try:
+        address = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return None
+    if address.version == 6 and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    if any(address in network for network in exempt):
+        return None
+    if address.version == 6:
+        return str(ipaddress.ip_network((address, IPV6_SOURCE_PREFIX), strict=False))
+    return str(address)
+
+
+def host_of(identity: bytes) -> str:
+    """The address part of an identity (``1.2.3.4:5`` or ``[v6]:5``)."""
+    text = identity.decode("ascii", "replace")
+    host = text.rsplit(":", 1)[0]
+    return host[1:-1] if host.startswith("[") and host.endswith("]") else host
+
+
+@attrs.define
+class TokenBucket:
+    """``rate`` tokens a second, at most ``burst`` saved up; starts full."""
+
+    rate: float
+    burst: float
+    tokens: float
+    stamp: float
+
+    @classmethod
+    def full(cls, rate: float, burst: float, now: float) -> TokenBucket:
+        return cls(rate, burst, burst, now)
+
+    def refill(self, now: float) -> None:
+        if now > self.stamp:
+            self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+            self.stamp = now
+
+    def take(self, now: float, amount: float = 1.0) -> bool:
+        """Spend ``amount`` if there is that much; say whether it was spent."""
+        self.refill(now)
+        if self.tokens >= amount:
+            self.tokens -= amount
+            return True
+        return False
+
+    def available(self, now: float) -> float:
+        self.refill(now)
+        return self.tokens
+
+    def spend(self, amount: float) -> None:
+        """Spend what was already used (may go below zero: later waits pay it back)."""
+        self.tokens -= amount
+
+    def wait(self, now: float, amount: float = 1.0) -> float:
+        """Seconds until ``amount`` tokens are there."""
+        self.refill(now)
+        missing = min(amount, self.burst) - self.tokens
+        return max(0.0, missing / self.rate) if self.rate > 0 else float("inf")
+
+    def is_full(self, now: float) -> bool:
+        self.refill(now)
+        return self.tokens >= self.burst
+
+
+@attrs.define(eq=False)
+class Admission:
+    """A connection the guard let in; give it back with ``Guard.release``."""
+
+    source: str | None
+    """The source it is counted against, None if none (exempt)."""
+    holders: int = 1
+    """Tasks that each release it once; the connection counts until the last one does."""
+    released: bool = False
+
+
+class RoomMeter:
+    """What one room carried so far, and its rate limit (shared by both directions)."""
+
+    def __init__(self, rate: int = 0, now: float = 0.0) -> None:
+        self.delivered = 0
+        """Bytes delivered, both directions together: read live by the metrics."""
+        self.bucket: TokenBucket | None = None
+        self._chunk = 0
+        if rate > 0:
+            self.bucket = TokenBucket.full(rate, max(rate * ROOM_BURST_SECONDS, MIN_ROOM_BURST), now)
+            # Read in useful amounts, not a few bytes each time a token trickles in.
+            self._chunk = min(self.bucket.burst, MIN_ROOM_BURST) / 4
+
+    def allowance(self, now: float) -> int | None:
+        """Bytes the room may read now: None for no limit, 0 for none yet (see ``wait``)."""
+        if self.bucket is None:
+            return None
+        available = self.bucket.available(now)
+        return int(available) if available >= self._chunk else 0
+
+    def spend(self, amount: int) -> None:
+        if self.bucket is not None:
+            self.bucket.spend(amount)
+
+    def wait(self, now: float) -> float:
+        """Seconds until ``allowance`` is not 0 again."""
+        if self.bucket is None:
+            return 0.0
+        return self.bucket.wait(now, self._chunk)
+
+
+class Guard:
+    """The relay's limits and what counts against them."""
+
+    def __init__(self, limits: Limits | None = None) -> None:
+        self.limits = limits if limits is not None else Limits()
+        self.connections = 0
+        self.rooms = 0
+        self.refused: collections.Counter[Refusal] = collections.Counter()
+        """Refusals so far, by limit: for the metrics."""
+        self._per_source: collections.Counter[str] = collections.Counter()
+        self._hellos: dict[str, TokenBucket] = {}
+        self._prune_at = 1024
+
+    def source(self, host: str) -> str | None:
+        return source_of(host, self.limits.exempt)
+
+    @property
+    def sources(self) -> int:
+        """Sources with open connections (counted per source)."""
+        return len(self._per_source)
+
+    def admit(self, host: str, *, per_source: bool = True) -> Admission | Refusal:
+        """A new connection from ``host``. ``per_source=False`` counts it in the total only
+        (a trusted proxy's connection, counted later by ``charge`` for the client it names)."""
+        limits = self.limits
+        if limits.max_connections and self.connections >= limits.max_connections:
+            return self._refuse(Refusal.CONNECTIONS)
+        admission = Admission(None)
+        if per_source:
+            refusal = self.charge(admission, host)
+            if refusal is not None:
+                return refusal
+        self.connections += 1
+        return admission
+
+    def charge(self, admission: Admission, host: str) -> Refusal | None:
+        """Count ``admission`` against ``host``'s source too (once); None if allowed."""
+        if admission.source is not None or admission.released:
+            return None
+        source = self.source(host)
+        if source is None:
+            return None
+        limit = self.limits.max_connections_per_address
+        if limit and self._per_source[source] >= limit:
+            return self._refuse(Refusal.CONNECTIONS_PER_ADDRESS)
+        self._per_source[source] += 1
+        admission.source = source
+        return None
+
+    def share(self, admission: Admission) -> Admission:
+        """One more task will ``release`` this admission (a connection changing hands)."""
+        admission.holders += 1
+        return admission
+
+    def release(self, admission: Admission) -> None:
+        """A holder is done with the connection; the last one frees its place."""
+        if admission.released:
+            return
+        admission.holders -= 1
+        if admission.holders > 0:
+            return
+        admission.released = True
+        self.connections -= 1
+        if admission.source is not None:
+            self._per_source[admission.source] -= 1
+            if not self._per_source[admission.source]:
+                del self._per_source[admission.source]
+
+    def hello(self, host: str, now: float) -> Refusal | None:
+        """A Hello from ``host``: None if it may register, else the refusal."""
+        limits = self.limits
+        if not limits.hello_rate or not limits.hello_burst:
+            return None
+        source = self.source(host)
+        if source is None:
+            return None
+        bucket = self._hellos.get(source)
+        if bucket is None:
+            self._prune(now)
+            bucket = self._hellos[source] = TokenBucket.full(
+                limits.hello_rate, limits.hello_burst, now)
+        else:  # the limits may have been reloaded since
+            bucket.rate, bucket.burst = limits.hello_rate, limits.hello_burst
+        if bucket.take(now):
+            return None
+        return self._refuse(Refusal.HELLO_RATE)
+
+    def open_room(self) -> Refusal | None:
+        """A room is about to open: None if it may (then ``close_room`` when it ends)."""
+        if self.limits.max_rooms and self.rooms >= self.limits.max_rooms:
+            return self._refuse(Refusal.ROOMS)
+        self.rooms += 1
+        return None
+
+    def close_room(self) -> None:
+        self.rooms -= 1
+
+    def room_meter(self, now: float) -> RoomMeter:
+        return RoomMeter(self.limits.room_rate, now)
+
+    def _refuse(self, refusal: Refusal) -> Refusal:
+        self.refused[refusal] += 1
+        return refusal
+
+    def _prune(self, now: float) -> None:
+        """Forget sources whose bucket is full again (same as new), so that memory follows
+        recent Hellos, not every address ever seen."""
+        if len(self._hellos) < self._prune_at:
+            return
+        for source in [s for s, bucket in self._hellos.items() if bucket.is_full(now)]:
+            del self._hellos[source]
+        self._prune_at = max(1024, 2 * len(self._hellos))
