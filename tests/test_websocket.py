@@ -115,7 +115,9 @@ async def test_rooms_pair_across_transports_in_process(sender, receiver):
 
 async def test_bad_input_closes_only_that_connection_while_a_transfer_completes():
     with trio.fail_after(LIMIT):
-        async with running(upgrade_timeout=0.5) as ports:
+        # Long enough that the honest pair's own upgrades finish on a loaded CI machine (0.5 s
+        # did not), short enough to watch the silent connection be cut.
+        async with running(upgrade_timeout=2.0) as ports:
             url = f"ws://127.0.0.1:{ports.ws_port}"
             outcomes: dict[str, object] = {}
 
@@ -185,7 +187,7 @@ async def test_bad_input_closes_only_that_connection_while_a_transfer_completes(
     assert outcomes["unmasked"].startswith("the other side closed the WebSocket: 1002 ")
     assert outcomes["ping"] == "pong"
     data, waited = outcomes["silent"]
-    assert data == b"" and 0.4 < waited < 5
+    assert data == b"" and 1.9 < waited < 10
 
 
 UPGRADE_HEADERS = (b"Connection: Upgrade\r\nUpgrade: websocket\r\n"
