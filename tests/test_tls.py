@@ -76,7 +76,8 @@ async def test_the_name_is_checked_too(certificates):
 
 async def test_stalled_tls_handshakes_are_closed_while_a_transfer_completes(certificates):
     with trio.fail_after(LIMIT):
-        async with running(upgrade_timeout=0.5, **tls_settings(certificates)) as ports:
+        # 2 s: the honest pair's TLS handshakes must beat it on a loaded CI machine.
+        async with running(upgrade_timeout=2.0, **tls_settings(certificates)) as ports:
             waited: dict[int, float] = {}
 
             async def stall(port: int) -> None:
@@ -96,7 +97,7 @@ async def test_stalled_tls_handshakes_are_closed_while_a_transfer_completes(cert
                 ca = str(certificates.ca)
                 await exchange(tcp_address(ports, "tls", cacert=ca), ws_address(ports, "wss", cacert=ca))
     assert len(waited) == 3
-    assert all(0.4 < seconds < 5 for seconds in waited.values()), waited
+    assert all(1.9 < seconds < 10 for seconds in waited.values()), waited
 
 
 async def test_plain_tcp_to_a_tls_port_fails_without_harm(certificates):
