@@ -132,14 +132,26 @@ class RoomBook:
         log.debug("room booked for client %s and server %s", _text(pair.client_identity),
                   _text(pair.server_identity))
 
-    def arrive(self, holder: Hashable, line: bytes, now: float) -> Arrival:
-        """A secure-port connection sent ``line`` (its partner's identity, without ``\\n``)."""
+    def arrive(self, holder: Hashable, line: bytes, now: float, *, source: bytes | None = None) -> Arrival:
+        """A secure-port connection sent ``line`` (its partner's identity, without ``\\n``).
+
+        ``source`` is that connection's own identity. Tickets are public (every receiver
+        is told every sender's identity), so a half is given only to a connection from the
+        address its peer shook hands from; anyone else gets Invalid and the half stays
+        free. Without that check any stranger could take a booked seat and break the
+        transfer (bob's relay has this hole). The port is not compared: the room is a new
+        connection.
+        """
         if holder in self._by_holder:
             raise ValueError(f"{holder!r} already sent its ticket")
         self._stamp(now)
         pair = self._by_ticket.get(bytes(line))
         if pair is None:
             return Invalid("no pending room for this ticket")
+        if source is not None:
+            claimant = pair.client_identity if line == pair.server_identity else pair.server_identity
+            if _host(source) != _host(claimant):
+                return Invalid("this ticket was presented from another address than its peer's")
         # The receiver's ticket is the server identity, the sender's the client identity.
         # Both are equal only if the driver gave two connections one identity; then the
         # first to arrive takes the receiver's half and the second the sender's.
@@ -229,3 +241,8 @@ class RoomBook:
                 del self._queues[pair.ttl]
         elif pair in self._unstamped:
             self._unstamped.remove(pair)
+
+
+def _host(identity: bytes) -> bytes:
+    """The address part of an ``ip:port`` or ``[ipv6]:port`` identity."""
+    return identity.rsplit(b":", 1)[0]

@@ -845,7 +845,7 @@ class RelayServer:
                 await _send_status(endpoint, ROOM_INVALID)
                 return
             seat = _Seat(endpoint, identity)
-            arrival = self.rooms.arrive(seat, ticket, trio.current_time())
+            arrival = self.rooms.arrive(seat, ticket, trio.current_time(), source=identity)
             self._rooms_changed()
             if isinstance(arrival, Invalid):
                 log.info("secure port %s: ticket %r refused (%s)", who, _text(ticket),

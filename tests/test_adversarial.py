@@ -734,8 +734,6 @@ async def _open_from(host: str, port: int) -> trio.SocketStream:
     return trio.SocketStream(sock)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: any receiver on the relay can take the honest "
-                   "receiver's seat in a booked room (tickets are public identities)")
 async def test_a_stranger_cannot_take_a_booked_room(tmp_path):
     """A client elsewhere hears every sender's identity (04) and each pairing (09): with a
     secure-port connection opened in advance it can present the sender's identity as its

@@ -188,3 +188,15 @@ def test_random_events_keep_the_book_bounded_and_consistent(events):
         assert deadline is None or deadline <= now + 5.0
     book.expire(now + 5.0)
     assert (book.pending, book.waiting) == (0, 0)
+
+
+def test_a_ticket_from_another_address_does_not_take_the_seat():
+    book = RoomBook(ttl=10.0)
+    book.book(CLIENT, SERVER, 0.0)
+    stranger = b"192.0.2.99:4000"
+    assert isinstance(book.arrive("thief", SERVER, 1.0, source=stranger), Invalid)
+    # The seat is still free for the receiver, which comes from its own address.
+    receiver_host = CLIENT.rsplit(b":", 1)[0]
+    sender_host = SERVER.rsplit(b":", 1)[0]
+    assert book.arrive("recv", SERVER, 1.0, source=receiver_host + b":5555") == Waiting()
+    assert book.arrive("send", CLIENT, 1.0, source=sender_host + b":6666") == Paired("recv")
