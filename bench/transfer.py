@@ -27,8 +27,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from measure import cpu_of, env, wait_cpu
+
 ROOT = Path(__file__).resolve().parent.parent
-CLK = os.sysconf("SC_CLK_TCK")
 SINK = r"""
 import socket, sys
 listener = socket.create_server(("127.0.0.1", 0))
@@ -58,31 +59,10 @@ conn.close()
 """
 
 
-def env() -> dict[str, str]:
-    e = dict(os.environ)
-    e["PYTHONPATH"] = str(ROOT) + os.pathsep + e.get("PYTHONPATH", "")
-    e.pop("PEER_RELAY", None)
-    e.pop("PEER_PASSWORD", None)
-    return e
 
 
-def cpu_of(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK
 
 
-def wait_cpu(process: subprocess.Popen, timeout: float = 600) -> float:
-    """Wait for a child and return its user+system CPU seconds (from wait4)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        pid, status, usage = os.wait4(process.pid, os.WNOHANG)
-        if pid:
-            process.returncode = os.waitstatus_to_exitcode(status)
-            return usage.ru_utime + usage.ru_stime
-        if time.monotonic() > deadline:
-            process.kill()
-            raise RuntimeError("benchmark process did not finish")
-        time.sleep(0.01)
 
 
 def free_port() -> int:

@@ -25,12 +25,13 @@ import tempfile
 import time
 from pathlib import Path
 
+from measure import cpu_of, env, wait_cpu
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from transport_helpers import make_certificates  # noqa: E402  (a throw-away CA and certificate)
 
-CLK = os.sysconf("SC_CLK_TCK")
 READY = re.compile(
     r"listening on 127\.0\.0\.1:(\d+) \(handshake\) and 127\.0\.0\.1:(\d+) \(secure room\), "
     r"127\.0\.0\.1:(\d+) \(websocket\)"
@@ -38,30 +39,10 @@ READY = re.compile(
 TRANSPORTS = ("tcp", "ws", "tls", "wss")
 
 
-def env(**extra: str) -> dict[str, str]:
-    e = {k: v for k, v in os.environ.items() if k not in ("PEER_RELAY", "PEER_PASSWORD")}
-    e["PYTHONPATH"] = str(ROOT) + os.pathsep + e.get("PYTHONPATH", "")
-    e.update(extra)
-    return e
 
 
-def cpu_of(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK
 
 
-def wait_cpu(process: subprocess.Popen, timeout: float = 900) -> float:
-    """Wait for a child and return its user+system CPU seconds (from wait4)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        pid, status, usage = os.wait4(process.pid, os.WNOHANG)
-        if pid:
-            process.returncode = os.waitstatus_to_exitcode(status)
-            return usage.ru_utime + usage.ru_stime
-        if time.monotonic() > deadline:
-            process.kill()
-            raise RuntimeError("benchmark process did not finish")
-        time.sleep(0.01)
 
 
 class Relay:
