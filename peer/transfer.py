@@ -619,12 +619,12 @@ class Data:
         return cls(body)
 
 
-@attrs.frozen
-class FileEnd:
-    """s→r: the current file is complete; `digest` is its blake3 over every byte sent."""
+class _DigestMessage:
+    """A type byte and a 32-byte blake3 digest (FILE_END and CHECK share the layout)."""
 
-    TYPE: ClassVar[int] = 0x06
-    digest: bytes = attrs.field(converter=bytes)
+    TYPE: ClassVar[int]
+    WHAT: ClassVar[str]
+    digest: bytes
 
     def encode(self) -> bytes:
         if len(self.digest) != DIGEST_SIZE:
@@ -632,10 +632,19 @@ class FileEnd:
         return bytes([self.TYPE]) + self.digest
 
     @classmethod
-    def decode(cls, body: memoryview) -> FileEnd:
+    def decode(cls, body: memoryview):
         if len(body) != DIGEST_SIZE:
-            raise ProtocolError(f"file end is {len(body)} bytes, expected {DIGEST_SIZE}")
+            raise ProtocolError(f"{cls.WHAT} is {len(body)} bytes, expected {DIGEST_SIZE}")
         return cls(body)
+
+
+@attrs.frozen
+class FileEnd(_DigestMessage):
+    """s→r: the current file is complete; `digest` is its blake3 over every byte sent."""
+
+    TYPE: ClassVar[int] = 0x06
+    WHAT: ClassVar[str] = "file end"
+    digest: bytes = attrs.field(converter=bytes)
 
 
 @attrs.frozen
@@ -721,22 +730,12 @@ class CompressedData:
 
 
 @attrs.frozen
-class Check:
+class Check(_DigestMessage):
     """s→r (feature resume): the blake3 of the RESUME_CHUNK bytes of the file just sent."""
 
     TYPE: ClassVar[int] = 0x0B
+    WHAT: ClassVar[str] = "check"
     digest: bytes = attrs.field(converter=bytes)
-
-    def encode(self) -> bytes:
-        if len(self.digest) != DIGEST_SIZE:
-            raise ValueError(f"digest must be {DIGEST_SIZE} bytes")
-        return bytes([self.TYPE]) + self.digest
-
-    @classmethod
-    def decode(cls, body: memoryview) -> Check:
-        if len(body) != DIGEST_SIZE:
-            raise ProtocolError(f"check is {len(body)} bytes, expected {DIGEST_SIZE}")
-        return cls(body)
 
 
 Message = Union[Hello, OfferPart, Answer, FileStart, Data, FileEnd, Done, Ack, Error, CompressedData, Check]
