@@ -38,6 +38,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from inprocess import relay_config, run_pair, running_relay
+from packet_strategies import identities, packets, uids
 from peer import handshake, spoke
 from relay import wire
 from relay.core import Close, Relay, Role, Send
@@ -239,29 +240,7 @@ class HostileScript:
     """"close", "reset" (RST), "half" (our EOF, then wait) or "wait" (until the relay closes)."""
 
 
-uids = st.integers(0, 0xFFFF)
 small_uids = st.integers(1, 48)
-identities = st.binary(min_size=0, max_size=wire.MAX_IDENTITY).filter(
-    lambda b: b"\0" not in b and b"\n" not in b)
-packets = st.one_of(
-    st.builds(wire.HelloServer, st.binary(min_size=34, max_size=34)),
-    st.just(wire.HelloClient()),
-    st.builds(wire.ServerIdentity, identities),
-    st.builds(wire.ClientIdentity, identities),
-    st.builds(wire.NewServer, uids, st.binary(min_size=34, max_size=34), identities),
-    st.builds(wire.ClientValidator, st.binary(min_size=64, max_size=64)),
-    st.builds(wire.YAndServerValidator, st.binary(min_size=32, max_size=32),
-              st.binary(min_size=64, max_size=64)),
-    st.builds(wire.XAndClientIdentity, st.binary(min_size=32, max_size=32), identities),
-    st.just(wire.Agreement()),
-    st.builds(wire.Closed, uids),
-    st.just(wire.Accepted()),
-    st.just(wire.Refused()),
-    st.builds(wire.RelayFailure, st.sampled_from([b"C", b"S", b"H", b"N"]), uids),
-    st.builds(wire.SpokeFailure, st.integers(0, 4)),
-    st.just(wire.Done()),
-    st.just(wire.Timeout()),
-)
 targets = st.one_of(
     st.just(("relay", 0)),
     st.tuples(st.just("learned"), st.integers(0, 64)),

@@ -120,9 +120,8 @@ async def register(host: str, ports: BoundPorts) -> tuple[Peer, int, Peer, int]:
     return server, server_uid, client, x_frame.uid
 
 
-async def agree(host: str, ports: BoundPorts) -> tuple[Peer, Peer]:
-    """Run a whole handshake through the relay up to Accepted / Done and both closes."""
-    server, server_uid, client, client_uid = await register(host, ports)
+async def finish_handshake(server: Peer, server_uid: int, client: Peer, client_uid: int) -> None:
+    """06, 05, 08 and 0a through the relay, each checked on arrival, up to the client's Done."""
     await server.send(client_uid, wire.YAndServerValidator(Y, VALIDATOR_2))
     await client.expect(server_uid, wire.YAndServerValidator(Y, VALIDATOR_2))
     await client.send(server_uid, wire.ClientValidator(VALIDATOR_3))
@@ -132,6 +131,12 @@ async def agree(host: str, ports: BoundPorts) -> tuple[Peer, Peer]:
     await client.send(server_uid, wire.Accepted())
     await server.expect(client_uid, wire.Accepted())
     await client.expect(0, wire.Done())
+
+
+async def agree(host: str, ports: BoundPorts) -> tuple[Peer, Peer]:
+    """Run a whole handshake through the relay up to Accepted / Done and both closes."""
+    server, server_uid, client, client_uid = await register(host, ports)
+    await finish_handshake(server, server_uid, client, client_uid)
     await server.expect_eof()
     await client.expect_eof()
     await server.close()
@@ -256,15 +261,7 @@ async def test_a_malformed_packet_cuts_off_only_its_sender():
             closed = await server.frame()  # the server learns its candidate left
             assert closed.uid == 0 and isinstance(closed.packet, wire.Closed)
             # The honest pair is unaffected and completes.
-            await server.send(client_uid, wire.YAndServerValidator(Y, VALIDATOR_2))
-            await client.expect(server_uid, wire.YAndServerValidator(Y, VALIDATOR_2))
-            await client.send(server_uid, wire.ClientValidator(VALIDATOR_3))
-            await server.expect(client_uid, wire.ClientValidator(VALIDATOR_3))
-            await server.send(client_uid, wire.Agreement())
-            await client.expect(server_uid, wire.Agreement())
-            await client.send(server_uid, wire.Accepted())
-            await server.expect(client_uid, wire.Accepted())
-            await client.expect(0, wire.Done())
+            await finish_handshake(server, server_uid, client, client_uid)
             await server.close()
             await client.close()
 
