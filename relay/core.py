@@ -37,6 +37,9 @@ log = logging.getLogger("relay.core")
 MIN_IDENTITY = 5
 """bob's parser looks for the NUL only once 6 bytes follow the fixed part (PROTOCOL.md §2)."""
 
+MAX_REANNOUNCEMENTS = 4
+"""A sender may make the relay announce it to receivers again this often (see _hello_again)."""
+
 
 @attrs.frozen
 class Send:
@@ -120,6 +123,8 @@ class _Peer:
     """A server's New_server packet, encoded once and sent to every client."""
     links: dict[int, _Link] = attrs.Factory(dict)
     """Peer UID → the state of this pair, for pairs that differ from 'candidate'."""
+    reannouncements: int = 0
+    """How often a repeated Hello of this sender was announced to receivers again."""
 
     def describe(self) -> str:
         who = self.identity.decode("ascii", "replace")
@@ -280,10 +285,15 @@ class Relay:
             peer.role, peer.uid = role, new_uid
             self._registered[role][new_uid] = peer
             log.info("%s registered", peer.describe())
-        else:
-            # Announcing it again makes every pair a candidate again, as bob's re-broadcast does.
+        elif role is Role.CLIENT:
+            # A client asking again gets every sender again and may try them all anew; the
+            # packets go to it alone, so a client that repeats without reading only fills
+            # its own outbox.
             log.debug("%s repeated its Hello", peer.describe())
             self._unlink_all(peer)
+        else:
+            self._hello_again(out, peer, public)
+            return
         if role is Role.CLIENT:
             self._send(out, peer, wire.RELAY_UID, wire.ClientIdentity(peer.identity))
             for server in self._registered[Role.SERVER].values():
@@ -295,6 +305,44 @@ class Relay:
             self._send(out, peer, wire.RELAY_UID, wire.ServerIdentity(peer.identity))
             for client in self._registered[Role.CLIENT].values():
                 self._write(out, client, peer.announcement)
+
+    def _hello_again(self, out: list[Output], peer: _Peer, public: bytes | None) -> None:
+        """A registered sender repeats its Hello: re-announce it only where that changes
+        something.
+
+        bob re-sends a sender's 04 to every receiver each time, so one 40-byte packet costs
+        every receiver 86 bytes and a few senders repeating Hello in a loop fill honest
+        receivers' outboxes until they are cut off. bob's own peers never repeat a Hello.
+        With the same public, only receivers whose pair with it had ended learn it again (it
+        becomes their candidate again); a new public is a new spoke session, announced to
+        all. A sender that re-announces itself more than MAX_REANNOUNCEMENTS times is
+        closed.
+        """
+        assert public is not None
+        announcement = wire.encode(wire.RELAY_UID, wire.NewServer(peer.uid, public, peer.identity))
+        clients = self._registered[Role.CLIENT]
+        if announcement == peer.announcement:
+            targets = [clients[uid] for uid, link in peer.links.items()
+                       if link is _Link.ENDED and uid in clients]
+            for client in targets:
+                del peer.links[client.uid]
+                client.links.pop(peer.uid, None)
+        else:
+            self._unlink_all(peer)
+            peer.announcement = announcement
+            targets = list(clients.values())
+        self._send(out, peer, wire.RELAY_UID, wire.ServerIdentity(peer.identity))
+        if not targets:
+            log.debug("%s repeated its Hello", peer.describe())
+            return
+        peer.reannouncements += 1
+        if peer.reannouncements > MAX_REANNOUNCEMENTS:
+            self._depart(out, peer, "keeps repeating its Hello", timed_out=True)
+            return
+        log.debug("%s repeated its Hello: announced again to %d receivers",
+                  peer.describe(), len(targets))
+        for client in targets:
+            self._write(out, client, peer.announcement)
 
     def _forward(self, out: list[Output], sender: _Peer, to_uid: int,
                  packet: wire.Packet) -> None:

@@ -15,7 +15,7 @@ from hypothesis.stateful import (
     RuleBasedStateMachine, initialize, invariant, precondition, rule,
 )
 
-from relay import wire
+from relay import core, wire
 from relay.core import Close, Relay, Role, Send
 from relay.rooms import Paired, RoomBook, Waiting
 from relay.uids import UidPool
@@ -187,8 +187,15 @@ class Harness:
         if pkt.TYPE not in wire.PEER_TO_PEER:
             assert pkt.TYPE in wire.RELAY_ONLY
             assert frame.uid == wire.RELAY_UID
-            if isinstance(pkt, (wire.ServerIdentity, wire.ClientIdentity)):
-                self._forget_pairs(dest)  # (re)announced: every pair is a candidate again
+            if isinstance(pkt, wire.ClientIdentity):
+                self._forget_pairs(dest)  # a client's (repeated) Hello: every pair anew
+            if isinstance(pkt, wire.NewServer):
+                # A sender (re)announced to this client: their pair starts over.
+                server = next((c for c, (r, u) in peers.items()
+                               if r is Role.SERVER and u == pkt.server_uid), None)
+                if server is not None:
+                    self.ended.discard(frozenset((dest, server)))
+                    self.agreed.discard((dest, server))
             if isinstance(pkt, wire.Closed) and pkt.peer_uid != 0:
                 gone = next(c for c, (_, u) in peers.items() if u == pkt.peer_uid)
                 assert peers[gone][0] is not peers[dest][0]
@@ -354,6 +361,37 @@ def test_repeated_hello_resends_identity_and_broadcasts_and_revives_pairs():
         Send("C", packet(0, wire.NewServer(1, other_public, SERVER_ID))),
     ]
     assert h.uid("S") == 1 and h.relay.uids_in_use == 2
+
+
+def test_a_sender_repeating_its_hello_is_announced_again_only_where_its_pair_ended():
+    h = Harness()
+    h.join("S", Role.SERVER, SERVER_ID)
+    for name in ("C1", "C2", "C3"):
+        h.join(name, Role.CLIENT)
+    h.receive("C2", packet(1, wire.Refused()))
+    for name in ("S", "C1", "C2", "C3"):
+        h.take(name)
+    out = h.receive("S", HELLO_SERVER)
+    assert out == [Send("S", b"000002127.0.0.1:40001\0"),
+                   Send("C2", packet(0, wire.NewServer(1, PUBLIC, SERVER_ID)))]
+    assert h.relay.candidates_of("C2") == {1}
+    # Nothing ended any more: a further repeat costs the receivers nothing.
+    assert h.receive("S", HELLO_SERVER) == [Send("S", b"000002127.0.0.1:40001\0")]
+
+
+def test_a_sender_that_keeps_re_announcing_itself_is_closed():
+    h = Harness()
+    h.join("S", Role.SERVER, SERVER_ID)
+    h.join("C", Role.CLIENT)
+    publics = [bytes([n]) * 34 for n in range(1, core.MAX_REANNOUNCEMENTS + 2)]
+    for public in publics[:-1]:
+        out = h.receive("S", packet(0, wire.HelloServer(public)))
+        assert [o.conn for o in out] == ["S", "C"]
+    out = h.receive("S", packet(0, wire.HelloServer(publics[-1])))
+    assert h.closed["S"] == "keeps repeating its Hello"
+    assert Send("C", packet(0, wire.Closed(1))) in out
+    assert Send("C", packet(0, wire.NewServer(1, publics[-1], SERVER_ID))) not in out
+    assert h.relay.uids_in_use == 1
 
 
 def test_hello_of_the_other_role_or_to_a_nonzero_uid_is_ignored():
@@ -554,10 +592,17 @@ def test_a_reused_uid_inherits_nothing_from_its_last_holder():
     assert h.receive("C-third", packet(1, wire.Accepted())) == []  # the agreement was not its
 
 
-def test_a_repeated_hello_forgets_the_agreement(pair):
+def test_a_repeated_hello_with_a_new_public_forgets_the_agreement(pair):
     handshake_to_agreement(pair, "C", "S")
-    pair.receive("S", HELLO_SERVER)
+    pair.receive("S", packet(0, wire.HelloServer(bytes(reversed(PUBLIC)))))
     assert pair.receive("C", packet(1, wire.Accepted())) == []
+
+
+def test_a_repeated_hello_with_the_same_public_keeps_the_agreement(pair):
+    handshake_to_agreement(pair, "C", "S")
+    assert pair.receive("S", HELLO_SERVER) == [Send("S", b"000002127.0.0.1:40001\0")]
+    out = pair.receive("C", packet(1, wire.Accepted()))
+    assert pair.closed == {"C": "paired", "S": "paired"}, out
 
 
 # -- departures --------------------------------------------------------------------------
