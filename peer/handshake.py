@@ -35,11 +35,19 @@ Wrong code (receiver). The receiver learns that its code is wrong when a sender'
 does not match (it answers Spoke_failure 1). Another sender may still be coming, so it waits
 a short grace period with no handshake in progress before giving up; once any sender has
 proved the same code, later mismatches are other people's senders and never end the session.
+
+Costly senders (receiver). Anyone on a relay can read a sender's nameplate and announce
+look-alikes whose publics ask for up to spoke.MAX_ITERATIONS of stretching (half a second of
+our CPU each). Answered as they came, ten of them held an honest handshake up by four
+seconds. So a public asking for more stretching than our own senders use waits until no
+handshake has made progress for COSTLY_PATIENCE seconds, and then the cheapest goes first,
+one per ``tick``; the driver handles waiting frames before each.
 """
 
 from __future__ import annotations
 
 import enum
+import math
 import os
 from typing import Callable, Union
 
@@ -49,6 +57,7 @@ from peer import spoke
 from relay import wire
 
 __all__ = [
+    "COSTLY_PATIENCE",
     "DEFAULT_GRACE",
     "DEFAULT_MAX_ATTEMPTS",
     "AgreementWithdrawn",
@@ -71,6 +80,8 @@ __all__ = [
 DEFAULT_MAX_ATTEMPTS = 3
 DEFAULT_GRACE = 2.0
 """Seconds a receiver whose code was rejected waits for another sender before giving up."""
+COSTLY_PATIENCE = 2.0
+"""Seconds a receiver lets a handshake in flight go quiet before it answers a costly sender."""
 
 MAX_NAMEPLATE = 0xFFFF
 _NAMEPLATE_DIGITS = 5
@@ -455,6 +466,8 @@ class _SenderSlot:
     state: spoke.ClientState | None = attrs.field(repr=False)
     stage: _Stage = _Stage.AWAITING_Y
     keys: spoke.SharedKeys | None = attrs.field(default=None, repr=False)
+    since: float = 0.0
+    """When this handshake last made progress (our 07 or our 05 sent)."""
 
 
 class ReceiverHandshake(_Machine):
@@ -481,6 +494,8 @@ class ReceiverHandshake(_Machine):
         self._make_scalar = make_scalar
         self.identity: bytes | None = None
         self._senders: dict[int, _SenderSlot] = {}
+        self._costly: dict[int, tuple[wire.NewServer, spoke.Public]] = {}
+        """Senders whose publics ask for more stretching than ours do (see COSTLY_PATIENCE)."""
         self._accepted: int | None = None
         self._code_rejected = False
         self._code_confirmed = False
@@ -491,19 +506,41 @@ class ReceiverHandshake(_Machine):
         return self._start(wire.HelloClient())
 
     def next_deadline(self) -> float | None:
-        """When ``tick`` must be called: the end of the wrong-code grace period, if running."""
-        return None if self.finished else self._deadline
+        """When ``tick`` must be called: the end of the wrong-code grace period, or when a
+        costly sender may be answered (possibly already past)."""
+        if self.finished:
+            return None
+        due = self._costly_due()
+        if due is None or self._deadline is None:
+            return self._deadline if due is None else due
+        return min(due, self._deadline)
 
     def tick(self, now: float) -> list[Event]:
-        if self.finished or self._deadline is None or now < self._deadline:
+        """Fail after the grace period, or answer the costly sender that is due, if any."""
+        if self.finished:
             return []
-        return self._finish(
-            Failed(
-                "wrong code: the sender's proof did not match "
-                "(check the code, or ask for a new one)",
-                FailureKind.WRONG_CODE,
+        if self._deadline is not None and now >= self._deadline:
+            return self._finish(
+                Failed(
+                    "wrong code: the sender's proof did not match "
+                    "(check the code, or ask for a new one)",
+                    FailureKind.WRONG_CODE,
+                )
             )
-        )
+        due = self._costly_due()
+        if due is None or now < due:
+            return []
+        uid = min(self._costly, key=lambda u: self._costly[u][1].iterations)
+        return self._answer(*self._costly.pop(uid), now)
+
+    def _costly_due(self) -> float | None:
+        """When the cheapest costly sender may be answered: once no handshake has made
+        progress for COSTLY_PATIENCE seconds (at once when none is in flight)."""
+        if not self._costly or self._accepted is not None:
+            return None
+        in_flight = [slot.since for slot in self._senders.values()
+                     if slot.stage in (_Stage.AWAITING_Y, _Stage.AWAITING_AGREEMENT)]
+        return max(in_flight) + COSTLY_PATIENCE if in_flight else -math.inf
 
     def accept(self, uid: int) -> list[Event]:
         """Take the agreement with ``uid`` (sends 0a) and refuse every other open one.
@@ -519,6 +556,7 @@ class ReceiverHandshake(_Machine):
         for other in [u for u, s in self._senders.items() if u != uid and self._is_open(s)]:
             del self._senders[other]
             events.append(_send(other, wire.Refused()))
+        self._costly.clear()
         slot.stage = _Stage.ACCEPTED
         self._accepted = uid
         events.append(_send(uid, wire.Accepted()))
@@ -551,7 +589,7 @@ class ReceiverHandshake(_Machine):
                 self.identity = packet.identity
                 return [Registered(packet.identity)]
             if isinstance(packet, wire.NewServer):
-                return self._on_new_server(packet)
+                return self._on_new_server(packet, now)
             if isinstance(packet, wire.Done):
                 return self._on_done()
             if isinstance(packet, wire.Closed):
@@ -567,12 +605,12 @@ class ReceiverHandshake(_Machine):
             return self._forget(uid, now)
         return []
 
-    def _on_new_server(self, packet: wire.NewServer) -> list[Event]:
+    def _on_new_server(self, packet: wire.NewServer, now: float) -> list[Event]:
         uid = packet.server_uid
         # Before 03 we cannot put our identity in 07; after accepting, new senders are moot.
         if self.identity is None or self._accepted is not None:
             return []
-        if uid == wire.RELAY_UID or uid in self._senders:
+        if uid == wire.RELAY_UID or uid in self._senders or uid in self._costly:
             return []
         if self.nameplate is not None and not _salt_matches(packet.public, self.nameplate):
             return []  # someone else's transfer: do not spend their guesses or our CPU
@@ -580,9 +618,19 @@ class ReceiverHandshake(_Machine):
             public = spoke.Public.decode(packet.public)
         except spoke.SpokeError as error:
             return [_send(uid, wire.SpokeFailure(error.code))]
+        if public.iterations > spoke.DEFAULT_ITERATIONS:
+            self._costly[uid] = (packet, public)
+            self._deadline = None
+            return []
+        return self._answer(packet, public, now)
+
+    def _answer(self, packet: wire.NewServer, public: spoke.Public, now: float) -> list[Event]:
+        """Stretch the code for this sender and send it our X (packet 07)."""
+        assert self.identity is not None
+        uid = packet.server_uid
         scalar = None if self._make_scalar is None else self._make_scalar()
         state, x = spoke.hello(self._password, public, scalar=scalar)
-        self._senders[uid] = _SenderSlot(packet.identity, public, state)
+        self._senders[uid] = _SenderSlot(packet.identity, public, state, since=now)
         self._deadline = None
         return [_send(uid, wire.XAndClientIdentity(x, self.identity))]
 
@@ -606,6 +654,7 @@ class ReceiverHandshake(_Machine):
         slot.state = None
         slot.keys = keys
         slot.stage = _Stage.AWAITING_AGREEMENT
+        slot.since = now
         self._code_confirmed = True
         return [_send(uid, wire.ClientValidator(validator))]
 
@@ -637,13 +686,15 @@ class ReceiverHandshake(_Machine):
     def _forget(self, uid: int, now: float) -> list[Event]:
         """Drop a sender (it left or failed); start the grace timer if that was the last hope."""
         slot = self._senders.pop(uid, None)
+        self._costly.pop(uid, None)
         events: list[Event] = []
         if slot is not None and slot.stage in (_Stage.AWAITING_DECISION, _Stage.ACCEPTED):
             # With an accepted sender gone before 0e, the relay dropped our 0a: wait again.
             if self._accepted == uid:
                 self._accepted = None
             events.append(AgreementWithdrawn(partner_uid=uid, partner_identity=slot.identity))
-        hopeless = self._code_rejected and not self._code_confirmed and not self._senders
+        hopeless = (self._code_rejected and not self._code_confirmed
+                    and not self._senders and not self._costly)
         if hopeless and self._deadline is None:
             self._deadline = now + self.grace
         return events

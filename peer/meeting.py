@@ -12,6 +12,8 @@ from typing import Awaitable, Callable
 import attrs
 import trio
 
+from relay import wire
+
 from . import handshake
 from .address import RelayAddress
 from .rendezvous import RelayError, RelayLink, open_room
@@ -64,7 +66,39 @@ async def meet(
     return Meeting(paired, machine.identity, stream)
 
 
+WORK_PAUSE = 0.001
+"""After a tick (it may have been costly work), this long for the reader to take in frames."""
+
+
 async def _run(link, machine, notify, decide, on_registered) -> handshake.Paired:
+    # A reader task keeps taking frames in while the machine works (or the user is asked),
+    # so that frames are handled before expensive work that can wait.
+    to_handler, inbox = trio.open_memory_channel[list[wire.Frame] | RelayError](64)
+    failure: Exception | None = None
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_read_frames, link, to_handler)
+        try:
+            paired = await _handle(link, machine, inbox, notify, decide, on_registered)
+        except Exception as error:  # raised below, outside the nursery, as itself
+            failure = error
+        nursery.cancel_scope.cancel()
+    if failure is not None:
+        raise failure
+    return paired
+
+
+async def _read_frames(link: RelayLink, to_handler: trio.MemorySendChannel) -> None:
+    async with to_handler:
+        while True:
+            try:
+                frames = await link.receive()
+            except RelayError as error:
+                await to_handler.send(error)
+                return
+            await to_handler.send(frames)
+
+
+async def _handle(link, machine, inbox, notify, decide, on_registered) -> handshake.Paired:
     pending: list[handshake.Event] = list(machine.start(trio.current_time()))
     while True:
         while pending:
@@ -83,14 +117,21 @@ async def _run(link, machine, notify, decide, on_registered) -> handshake.Paired
                 if isinstance(event, handshake.Registered) and on_registered is not None:
                     await on_registered()
                 notify(event)
-        deadline = machine.next_deadline()
-        with trio.move_on_at(math.inf if deadline is None else deadline):
-            try:
-                frames = await link.receive()
-            except RelayError as error:
-                raise HandshakeFailed(str(error), handshake.FailureKind.RELAY_CLOSED) from None
-            now = trio.current_time()
-            for frame in frames:
-                pending.extend(machine.receive(frame, now))
-            continue
-        pending.extend(machine.tick(trio.current_time()))
+        try:
+            batch = inbox.receive_nowait()  # frames before timers: a tick may be costly work
+        except trio.WouldBlock:
+            deadline = machine.next_deadline()
+            if deadline is not None and deadline <= trio.current_time():
+                pending.extend(machine.tick(trio.current_time()))
+                await trio.sleep(WORK_PAUSE)
+                continue
+            batch = None
+            with trio.move_on_at(math.inf if deadline is None else deadline):
+                batch = await inbox.receive()
+            if batch is None:  # the deadline came: the next round ticks
+                continue
+        if isinstance(batch, RelayError):
+            raise HandshakeFailed(str(batch), handshake.FailureKind.RELAY_CLOSED)
+        now = trio.current_time()
+        for frame in batch:
+            pending.extend(machine.receive(frame, now))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import math
 from typing import Callable
 
 import attrs
@@ -24,6 +25,7 @@ from peer.handshake import (
     SendFrame,
     SenderHandshake,
     Verified,
+    COSTLY_PATIENCE,
     nameplate_of,
     salt_for,
 )
@@ -71,9 +73,11 @@ class Net:
         self.now = 1000.0
         self._queue: collections.deque = collections.deque()
         self._next_port = 40000
+        self.ends: list[End] = []
 
     def join(self, name: str, machine, *, decide: Decide | None = lambda _: True) -> End:
         end = End(name, machine, decide)
+        self.ends.append(end)
         self._deliver(self.relay.connect(end, b"127.0.0.1:%d" % self._next_port))
         self._next_port += 1
         self.emit(end, machine.start(self.now))
@@ -107,9 +111,15 @@ class Net:
         self.pump()
 
     def pump(self) -> None:
+        """Like the driver: frames first; timers that are due only when all is quiet."""
         for _ in range(10_000):
             if not self._queue:
-                return
+                due = next((e for e in self.ends if not e.closed and _is_due(e.machine, self.now)),
+                           None)
+                if due is None:
+                    return
+                self.emit(due, due.machine.tick(self.now))
+                continue
             end, data = self._queue.popleft()
             if end.closed:
                 continue
@@ -129,6 +139,11 @@ class Net:
                 for frame in list(end.parser.frames()):
                     end.received.append(frame)
                     self.emit(end, end.machine.receive(frame, self.now))
+
+
+def _is_due(machine, now: float) -> bool:
+    deadline = getattr(machine, "next_deadline", lambda: None)()
+    return deadline is not None and deadline <= now
 
 
 def sender(password: bytes = CODE, **kwargs) -> SenderHandshake:
@@ -445,6 +460,60 @@ def test_a_receiver_refuses_a_public_that_asks_too_much_work(iterations):
     assert frames_of(events) == [wire.Frame(3, wire.SpokeFailure(spoke.FAILURE_BAD_PUBLIC))]
 
 
+def test_costly_publics_wait_until_the_honest_handshake_goes_quiet():
+    machine = _registered_receiver(CODE)
+    costly = [spoke.Public(iterations=n, cipher0=0, cipher1=0, salt=salt_for(417)).encode()
+              for n in (spoke.MAX_ITERATIONS, spoke.DEFAULT_ITERATIONS + 1)]
+    # Announced first, the look-alikes cost nothing yet.
+    assert written(machine, 0, wire.NewServer(5, costly[0], b"127.0.0.1:40005")) == []
+    assert written(machine, 0, wire.NewServer(6, costly[1], b"127.0.0.1:40006")) == []
+    assert machine.next_deadline() == -math.inf  # due at once: nothing else is going on
+    # The honest sender (our own iteration count) is answered at once...
+    honest = sender(CODE)
+    honest.start(0)
+    [x] = written(machine, 0, wire.NewServer(7, honest.public.encode(), b"127.0.0.1:40007"), 10.0)
+    assert x.uid == 7 and isinstance(x.packet, wire.XAndClientIdentity)
+    # ...and the look-alikes wait while its handshake is moving.
+    assert machine.next_deadline() == 10.0 + COSTLY_PATIENCE
+    assert machine.tick(11.0) == []
+    # Then the cheapest goes first; a costly sender that leaves is dropped unanswered.
+    [x6] = frames_of(machine.tick(10.0 + COSTLY_PATIENCE))
+    assert x6.uid == 6
+    assert written(machine, 0, wire.Closed(5)) == []
+    assert machine.next_deadline() is None and machine.tick(100.0) == []
+
+
+def test_accepting_drops_the_costly_senders():
+    machine, [agreed] = _receiver_with_agreement(1)
+    costly = spoke.Public(iterations=spoke.MAX_ITERATIONS, cipher0=0, cipher1=0,
+                          salt=salt_for(417)).encode()
+    assert written(machine, 0, wire.NewServer(2, costly, b"127.0.0.1:40002")) == []
+    assert machine.next_deadline() is not None
+    assert frames_of(machine.accept(1)) == [wire.Frame(1, wire.Accepted())]
+    assert machine.next_deadline() is None
+
+
+def test_a_wrong_code_is_reported_only_once_the_costly_senders_were_tried():
+    net = Net()
+    net.join("wrong sender", sender(OTHER_CODE))
+    net.join("look-alike", SenderHandshake(OTHER_CODE, iterations=spoke.DEFAULT_ITERATIONS + 1))
+    r = net.join("receiver", ReceiverHandshake(CODE, grace=2.0))
+    assert r.machine.next_deadline() == net.now + 2.0  # the costly one was answered: grace runs
+    net.advance(2.0, r)
+    [failed] = r.of(Failed)
+    assert failed.kind == FailureKind.WRONG_CODE
+
+
+def test_the_honest_sender_pairs_among_costly_look_alikes():
+    net = Net()
+    for n in range(3):
+        net.join(f"look-alike {n}", SenderHandshake(OTHER_CODE, iterations=spoke.DEFAULT_ITERATIONS * 2))
+    s = net.join("sender", sender(CODE))
+    r = net.join("receiver", ReceiverHandshake(CODE))
+    assert r.of(Paired) and s.of(Paired)
+    assert r.of(Paired)[0].partner_identity == s.machine.identity
+
+
 def test_unknown_uids_get_bobs_relay_failure_letters():
     receiver = _registered_receiver(CODE)
     y = wire.YAndServerValidator(bytes(32), bytes(64))
@@ -630,6 +699,9 @@ def _fuzz_material():
 
 
 _FUZZ_PUBLIC, _FUZZ_X, _FUZZ_06, _FUZZ_05 = _fuzz_material()
+# A public that asks for more stretching than ours: the receiver queues it for ``work``.
+_FUZZ_COSTLY_PUBLIC = spoke.Public(iterations=spoke.DEFAULT_ITERATIONS + 1, cipher0=0,
+                                   cipher1=0, salt=bytes(16)).encode()
 
 
 def _sometimes(valid: bytes) -> st.SearchStrategy[bytes]:
@@ -640,7 +712,9 @@ def _sometimes(valid: bytes) -> st.SearchStrategy[bytes]:
 
 _peer_uids = st.integers(1, 3)
 _identities = st.sampled_from([FUZZ_ID, FUZZ_ID, FUZZ_ID, b"[::1]:1", b""])
-_new_server = st.builds(wire.NewServer, _peer_uids, _sometimes(_FUZZ_PUBLIC), _identities)
+_new_server = st.builds(wire.NewServer, _peer_uids,
+                        st.one_of(_sometimes(_FUZZ_PUBLIC), st.just(_FUZZ_COSTLY_PUBLIC)),
+                        _identities)
 _relay_packets = st.one_of(
     st.builds(wire.ServerIdentity, _identities),
     st.builds(wire.ClientIdentity, _identities),
