@@ -106,7 +106,8 @@ class Channel:
                 try:
                     self._opener.eof()
                 except records.RecordError as error:
-                    raise ChannelBroken(f"connection lost in the middle of a record: {error}") from None
+                    raise ChannelBroken("the other side or the connection went away in the middle "
+                                        f"of the transfer ({error})") from None
                 raise ChannelClosed("the other side closed the connection")
             self.bytes_received += len(data)
             self._opener.feed(data)

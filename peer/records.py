@@ -214,4 +214,4 @@ class Opener:
         self._ended = True
         left_over = len(self._buffer) - self._start
         if not self._closed and left_over:
-            raise RecordError(f"stream ended inside a record ({left_over} bytes left over)")
+            raise RecordError(f"stream ended inside a record, {left_over} bytes left over")
