@@ -11,12 +11,24 @@ ROOT = Path(__file__).resolve().parent.parent
 CLK = os.sysconf("SC_CLK_TCK")
 
 
+INSTALLED = os.environ.get("PEER_BENCH_INSTALLED") == "1"
+"""Set by bench/run: measure the peer-relay installed in the running interpreter (with its
+compiled bytecode, as a user has it), not this source tree."""
+
+
 def env(**extra: str) -> dict[str, str]:
     """Our packages importable, and no relay or code leaking in from the caller's shell."""
     e = {k: v for k, v in os.environ.items() if k not in ("PEER_RELAY", "PEER_PASSWORD")}
-    e["PYTHONPATH"] = str(ROOT) + os.pathsep + e.get("PYTHONPATH", "")
+    if not INSTALLED:
+        e["PYTHONPATH"] = str(ROOT) + os.pathsep + e.get("PYTHONPATH", "")
     e.update(extra)
     return e
+
+
+def child_cwd() -> Path | None:
+    """Where to start ``python -m relay`` / ``python -m peer``: ``-m`` looks in the working
+    directory first, so this tree's root when measuring it, anywhere else otherwise."""
+    return None if INSTALLED else ROOT
 
 
 def cpu_of(pid: int) -> float:

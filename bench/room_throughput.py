@@ -24,22 +24,18 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from measure import INSTALLED, child_cwd, cpu_of, env  # noqa: E402
+
+if not INSTALLED:
+    sys.path.insert(0, str(ROOT))
 
 from relay import wire  # noqa: E402
 
 PUBLIC = bytes.fromhex("00010002000000000000001000000002000400112233445566778899aabbccddeeff")
 CHUNK = 1 << 20
 GIB = 1 << 30
-TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as stat:
-        # The command name may hold spaces; fields after it are fixed.
-        fields = stat.read().rsplit(")", 1)[1].split()
-    utime, stime = int(fields[11]), int(fields[12])
-    return (utime + stime) / TICKS
 
 
 class Packets:
@@ -130,15 +126,15 @@ def run_relay(total: int) -> tuple[float, float, int]:
     relay = subprocess.Popen(
         [sys.executable, "-m", "relay", "--host", "127.0.0.1", "--port", "0",
          "--secure-port", "0", "-q"],
-        cwd=ROOT, stdout=subprocess.PIPE, text=True,
+        cwd=child_cwd(), env=env(), stdout=subprocess.PIPE, text=True,
     )
     try:
         line = relay.stdout.readline()
         ports = [int(part.split()[0].rstrip(",")) for part in line.split("127.0.0.1:")[1:]]
         sender, receiver = relay_room(*ports)
-        before = cpu_seconds(relay.pid)
+        before = cpu_of(relay.pid)
         elapsed, received = push(sender, receiver, total)
-        cpu = cpu_seconds(relay.pid) - before
+        cpu = cpu_of(relay.pid) - before
         sender.close()
         receiver.close()
         return elapsed, cpu, received - 4  # the relay ends the room with ff ff ff ff
@@ -166,9 +162,9 @@ def run_socat(socat: str, total: int) -> tuple[float, float, int]:
                     raise
                 time.sleep(0.05)
         receiver, _ = sink.accept()
-        before = cpu_seconds(forwarder.pid)
+        before = cpu_of(forwarder.pid)
         elapsed, received = push(sender, receiver, total)
-        cpu = cpu_seconds(forwarder.pid) - before
+        cpu = cpu_of(forwarder.pid) - before
         sender.close()
         receiver.close()
         return elapsed, cpu, received
