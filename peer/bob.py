@@ -3,7 +3,7 @@
 How each side knows the other is bob (also in docs/transfer.md):
 - a receiver sees it in the handshake: bob's sender advertises cipher1 = 2 (ChaCha20), which
   cannot carry records, where ours advertises 0 (AES-GCM) so that we can answer;
-- a sender waits ``BOB_WAIT`` seconds for our receiver's HELLO, which our receiver sends the
+- a sender waits ``sending.BOB_WAIT`` seconds for our receiver's HELLO, which our receiver sends the
   moment the room opens; bob's receiver never sends anything, so silence means bob. Should
   a slow link make our receiver's HELLO late, the sender sends a PACK and our receiver,
   which also reads PACK, still gets a verified transfer.
@@ -25,8 +25,6 @@ from .progress import Progress
 from .source import Selection, SourceError
 from .transfer import TransferFailed
 
-BOB_WAIT = 5.0
-"""Seconds a sender waits for our receiver's HELLO before treating the receiver as bob."""
 CLOSE_WAIT = 60.0
 """How long a sender waits for bob's receiver to close once the trailer is sent."""
 LEVEL = 0

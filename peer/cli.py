@@ -15,20 +15,16 @@ from pathlib import Path
 
 import trio
 
-from relay.server import ListenError, RelayConfig, serve
-
 from . import codes, handshake, transfer
 from .address import DEFAULT_PORT, DEFAULT_SECURE_PORT, AddressError, RelayAddress, parse_relay
-from .bob import BOB_WAIT, receive_pack, send_pack
 from .channel import Channel
 from .console import Console
 from .destination import Destination, DestinationError, StreamDestination
-from .lan import best_lan_address
 from .meeting import HandshakeFailed, meet
 from .progress import Progress
 from .receiving import receive_offer
 from .rendezvous import RelayError
-from .sending import send_selection
+from .sending import BOB_WAIT, send_selection
 from .source import SourceError, scan, stdin_selection, text_selection
 from .transfer import TransferFailed
 
@@ -275,6 +271,11 @@ async def _send(args, console: Console) -> int:
 
 async def _embedded_relay(nursery: trio.Nursery, args) -> tuple[RelayAddress, RelayAddress]:
     """Run a relay in this process, on the usual ports if they are free, else on any."""
+    # Imported here, like bob's format below: a peer that does not need them starts faster.
+    from relay.server import ListenError, RelayConfig, serve
+
+    from .lan import best_lan_address
+
     logging.getLogger("relay").setLevel(logging.ERROR)
     secure = args.secure_port or DEFAULT_SECURE_PORT
     try:
@@ -337,6 +338,8 @@ async def _send_through(address, password, selection, args, console: Console) ->
                 f"{partner} is a bob receiver, which needs the size in advance: it cannot receive a pipe"
             )
         console.info(f"{partner} is a bob receiver: sending bob's format")
+        from .bob import send_pack
+
         await send_pack(channel, selection, args.paths, make_progress=make_progress)
 
     try:
@@ -477,6 +480,8 @@ async def _receive_into(address, password, destination, args, console: Console) 
 
     try:
         if bob:
+            from .bob import receive_pack
+
             offer = await receive_pack(channel, destination, announce=announce, make_progress=make_progress)
             done = transfer.TransferDone(offer.file_count, offer.total_bytes)
         else:

@@ -5,8 +5,6 @@ from __future__ import annotations
 import sys
 from typing import TextIO
 
-from tqdm import tqdm
-
 
 class Progress:
     """One bar for one transfer; a no-op when quiet or when stderr is not a terminal.
@@ -20,6 +18,8 @@ class Progress:
     ) -> None:
         stream = stream or sys.stderr
         enabled = not quiet and stream.isatty()
+        if enabled:
+            from tqdm import tqdm  # imported only when a bar is drawn: it costs every start 20 ms
         self._bar = (
             tqdm(
                 total=total,

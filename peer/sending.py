@@ -13,6 +13,9 @@ from .progress import Progress
 from .source import Selection, SourceError
 from .transfer import TransferFailed
 
+BOB_WAIT = 5.0
+"""Seconds a sender that can also speak bob's format waits for our receiver's HELLO before
+treating the receiver as bob (see peer/bob.py)."""
 HELLO_TIMEOUT = 60.0
 """How long our receiver may take to greet us once the room is open (it greets at once)."""
 ANSWER_TIMEOUT = 24 * 3600.0

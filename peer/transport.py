@@ -19,7 +19,6 @@ import ssl
 import attrs
 import trio
 
-from relay.websocket import WebSocketError, connect as websocket_connect
 
 from .address import RelayAddress
 
@@ -108,8 +107,7 @@ async def open_relay(
                                         https_compatible=True)
                 await stream.do_handshake()
             if address.websocket:
-                endpoint = address.endpoint_path("room" if room else "handshake")
-                stream = await websocket_connect(stream, host=address.host_header(), path=endpoint)
+                stream = await _upgrade(stream, address, room, f"{what} at {_shown(host, port)}")
     except trio.TooSlowError:
         await trio.aclose_forcefully(stream)
         step = "the TLS handshake" if address.tls and stream is tcp else "the WebSocket upgrade"
@@ -118,10 +116,19 @@ async def open_relay(
     except trio.BrokenResourceError as error:
         await trio.aclose_forcefully(stream)
         raise RelayError(f"cannot reach {what} at {_shown(host, port)}: {_tls_failure(error)}") from None
+    return Connected(stream, reached)
+
+
+async def _upgrade(stream: trio.abc.Stream, address: RelayAddress, room: bool, where: str) -> trio.abc.Stream:
+    # Imported here: only WebSocket relays need wsproto, and every peer start pays for imports.
+    from relay.websocket import WebSocketError, connect as websocket_connect
+
+    endpoint = address.endpoint_path("room" if room else "handshake")
+    try:
+        return await websocket_connect(stream, host=address.host_header(), path=endpoint)
     except WebSocketError as error:
         await trio.aclose_forcefully(stream)
-        raise RelayError(f"{what} at {_shown(host, port)}: {error}") from None
-    return Connected(stream, reached)
+        raise RelayError(f"{where}: {error}") from None
 
 
 def _tls_failure(error: BaseException) -> str:
