@@ -224,6 +224,45 @@ def test_disk_full_is_a_clear_error_and_removes_the_part(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == []
 
 
+def test_a_failure_in_the_background_write_surfaces_at_the_next_write(tmp_path, monkeypatch):
+    # Gathered megabytes are written by a worker thread; its failure must still reach the
+    # caller (at a later write, at the latest when the file is complete) and clean up.
+    size = 3 << 20
+    offer = Offer([file_entry("big", size)])
+    destination = Destination(tmp_path)
+    destination.plan(offer)
+    part = destination.open_part(offer.entries[0])
+    real_write = os.write
+    calls = []
+
+    def fail_after_the_first(fd, data):
+        calls.append(len(data))
+        if len(calls) > 1:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_write(fd, data)
+
+    monkeypatch.setattr(destination_module.os, "write", fail_after_the_first)
+    record = bytes(32 * 1024)
+    with pytest.raises(DestinationError, match="^cannot write big: disk full$"):
+        for _ in range(size // len(record)):
+            part.write(record)
+    monkeypatch.undo()
+    assert len(calls) == 2
+    assert os.listdir(tmp_path) == []
+
+
+def test_gathered_writes_arrive_whole_and_in_order(tmp_path):
+    data = os.urandom((3 << 20) + 12345)
+    offer = Offer([file_entry("f", len(data))])
+    destination = Destination(tmp_path)
+    destination.plan(offer)
+    part = destination.open_part(offer.entries[0])
+    for start in range(0, len(data), 32767):
+        part.write(data[start:start + 32767])
+    destination.commit(part, blake3.blake3(data).digest())
+    assert (tmp_path / "f").read_bytes() == data
+
+
 def test_not_enough_space_is_caught_while_planning(tmp_path, monkeypatch):
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(destination_module.shutil, "disk_usage", lambda path: usage(100, 90, 10))
