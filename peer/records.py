@@ -138,11 +138,14 @@ class Opener:
     def __init__(self, sub_key: bytes, cipher: int = CIPHER_AES256_GCM) -> None:
         self._aead, self._base_nonce = _cipher_for(sub_key, cipher)
         self._sequence = 0
-        # Received bytes; those before `_start` are already consumed.  Records are
-        # decrypted in place and consumed by moving `_start`; the consumed prefix is
-        # dropped once per `feed`, so each byte is copied once however the stream is cut.
+        # Received bytes are `_buffer[_start:_end]`; those before `_start` are consumed.
+        # Records are decrypted straight from the buffer and consumed by moving `_start`;
+        # the unconsumed tail (less than a record) moves to the front when room is needed,
+        # so each byte is copied at most once however the stream is cut, and not at all
+        # when the transport reads into `space()`.
         self._buffer = bytearray()
         self._start = 0
+        self._end = 0
         self._closed = False
         self._ended = False
         # A corrupt stream stays corrupt: every later call re-raises the first error.
@@ -164,10 +167,30 @@ class Opener:
             raise RuntimeError("feed() after eof()")
         if self._closed:
             return
-        if self._start:
-            del self._buffer[: self._start]
-            self._start = 0
-        self._buffer += data
+        size = len(data)
+        with self.space(size) as room:
+            room[:size] = data
+        self._end += size
+
+    def space(self, size: int) -> memoryview:
+        """Room for `size` more bytes at the end of the buffer, for a transport to receive
+        into; then call `filled` with the count. Release the view (``with``) before the
+        next call: a buffer with a view alive cannot move."""
+        if self._ended:
+            raise RuntimeError("space() after eof()")
+        buffer, start, end = self._buffer, self._start, self._end
+        if start and len(buffer) - end < size:
+            buffer[: end - start] = buffer[start:end]
+            self._start, self._end = 0, end - start
+            start, end = 0, end - start
+        if len(buffer) - end < size:
+            buffer.extend(bytes(end + size - len(buffer)))
+        return memoryview(buffer)[end : end + size]
+
+    def filled(self, count: int) -> None:
+        """`count` bytes were received into the last `space()`."""
+        if not self._closed:
+            self._end += count
 
     def next_record(self) -> bytes | Literal[Closed.CLOSED] | None:
         """The next plaintext record, `CLOSED`, or None if it has not fully arrived."""
@@ -175,21 +198,21 @@ class Opener:
             raise self._failure
         if self._closed:
             return CLOSED
-        buffer, start = self._buffer, self._start
-        if len(buffer) - start < HEADER_SIZE:
+        buffer, start, valid = self._buffer, self._start, self._end
+        if valid - start < HEADER_SIZE:
             return None
         size = (buffer[start] << 8) | buffer[start + 1]
         if size == CLOSE_LENGTH:
             # Only the first two bytes of the marker matter; drop the rest unread.
             self._closed = True
             buffer.clear()
-            self._start = 0
+            self._start = self._end = 0
             return CLOSED
         if not 1 <= size <= MAX_RECORD_SIZE:
             self._failure = RecordError(f"invalid record length {size:#06x}")
             raise self._failure
         end = start + HEADER_SIZE + size + TAG_SIZE
-        if len(buffer) < end:
+        if valid < end:
             return None
         aad = _AAD_PREFIX + bytes(buffer[start : start + HEADER_SIZE])
         nonce = _nonce(self._base_nonce, self._sequence)
@@ -212,6 +235,6 @@ class Opener:
         incomplete record.
         """
         self._ended = True
-        left_over = len(self._buffer) - self._start
+        left_over = self._end - self._start
         if not self._closed and left_over:
             raise RecordError(f"stream ended inside a record, {left_over} bytes left over")

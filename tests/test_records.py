@@ -76,6 +76,31 @@ def test_any_split_of_the_stream_gives_the_records_back(messages, cuts, close):
     assert received == messages + ([CLOSED] if close else [])
 
 
+@settings(max_examples=60, deadline=None)
+@given(
+    messages=st.lists(st.binary(min_size=1, max_size=3000), min_size=0, max_size=12),
+    reads=st.lists(st.tuples(st.integers(1, 40_000), st.integers(0, 40_000)), max_size=30),
+    close=st.booleans(),
+)
+def test_receiving_into_the_openers_space_gives_the_records_back(messages, reads, close):
+    # As the channel does over TCP: ask for room for N bytes, the transport fills only some.
+    sealer = Sealer(SUB0)
+    stream = b"".join(sealer.seal(message) for message in messages) + (CLOSE if close else b"")
+    opener = Opener(SUB0)
+    received, position = [], 0
+    for room, got in [*reads, (len(stream) + 1, len(stream))]:
+        count = min(room, got, len(stream) - position)
+        with opener.space(room) as view:
+            assert len(view) == room
+            view[:count] = stream[position : position + count]
+        opener.filled(count)
+        position += count
+        if not opener.closed:
+            received.extend(drain(opener))
+    opener.eof()
+    assert received == messages + ([CLOSED] if close else [])
+
+
 @settings(max_examples=10, deadline=None)
 @given(size=st.integers(min_value=1, max_value=MAX_RECORD_SIZE), piece=st.integers(1, 5000))
 def test_large_records_in_small_pieces(size, piece):
