@@ -43,7 +43,7 @@ MAX_MESSAGE = 1 << 20
 make us decode before we see the end of a message."""
 SEND_SIZE = 256 * 1024
 """The largest message we send: a big write becomes several messages."""
-RECEIVE_SIZE = 64 * 1024
+RECEIVE_SIZE = 256 * 1024
 """Transport bytes decoded at a time, the most a connection holds beyond the caller's read."""
 MAX_REJECT_BODY = 1024
 """How much of a refusal's HTTP body a client reads, to quote it."""
