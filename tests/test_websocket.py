@@ -16,7 +16,7 @@ from peer import handshake
 from peer.address import parse_relay
 from peer.meeting import meet
 from relay import wire
-from relay.websocket import MAX_MESSAGE, WebSocketStream, connect, read_upgrade_request
+from relay.websocket import MAX_MESSAGE, WebSocketStream, binary_frame, connect, read_upgrade_request
 
 from processes import finish, peer
 from transport_helpers import LIMIT, exchange, running, start_relay, tcp_address, ws_address
@@ -61,6 +61,24 @@ async def check_pieces_arrive_as_one_stream(pieces: list[bytes]) -> None:
 
             nursery.start_soon(write)
             assert await read_until_end(server) == b"".join(pieces)
+
+
+@pytest.mark.parametrize("size", [1, 125, 126, 65535, 65536, 300_000])
+@pytest.mark.parametrize("masked", [False, True], ids=["server", "client"])
+def test_our_binary_frames_are_what_wsproto_reads(size, masked):
+    # Frames are built here, not by wsproto: an independent decoder must agree.
+    import wsproto
+    from wsproto.frame_protocol import FrameDecoder, Opcode
+
+    payload = os.urandom(size)
+    header, body = binary_frame(memoryview(payload), masked)[:2]
+    decoder = FrameDecoder(client=not masked)  # a server reads masked frames, a client not
+    decoder.receive_bytes(bytes(header) + bytes(body))
+    frame = decoder.process_buffer()
+    assert frame.opcode is Opcode.BINARY and frame.frame_finished and frame.message_finished
+    assert bytes(frame.payload) == payload
+    assert (bytes(body) == payload) is (not masked)
+    assert wsproto.__name__  # (imported for the decoder's package)
 
 
 @settings(max_examples=25, deadline=None)
