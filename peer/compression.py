@@ -15,6 +15,7 @@ speed of our whole pipeline on loopback).
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Callable
 
@@ -52,21 +53,23 @@ def available() -> bool:
     return zstandard is not None
 
 
-_compressor = None
+_per_thread = threading.local()
+"""A zstd compressor per thread: one must never be used by two threads at once (zstandard
+says so, and it aborted the interpreter when many in-process senders shared one)."""
 
 
 def compress_block(block: bytes | memoryview) -> bytes | None:
     """One zstd frame holding `block` (≤ FRAME_CONTENT bytes), or None if that does not pay.
 
-    Safe to call from a worker thread (the compressor is used by one thread at a time:
-    the sender's pipeline runs one block at a time).
+    Safe to call from any thread, several at once.
     """
-    global _compressor
     if len(block) > FRAME_CONTENT:
         raise ValueError(f"a block holds at most {FRAME_CONTENT} bytes")
-    if _compressor is None:
-        _compressor = zstandard.ZstdCompressor(level=LEVEL, write_content_size=True, write_checksum=False)
-    frame = _compressor.compress(block)
+    compressor = getattr(_per_thread, "compressor", None)
+    if compressor is None:
+        compressor = zstandard.ZstdCompressor(level=LEVEL, write_content_size=True, write_checksum=False)
+        _per_thread.compressor = compressor
+    frame = compressor.compress(block)
     if len(frame) > len(block) * WORTH_IT:
         return None
     return frame

@@ -244,3 +244,24 @@ def test_automatic_choice_compresses_text_on_a_slow_link(relay_process, tmp_path
     assert received.read_bytes() == text
     # The raw trial (8 MiB and a block) goes as is, the rest is compressed.
     assert wire_mib(s_err) < 17, s_err
+
+
+def test_many_threads_compress_at_once():
+    # In-process load tests run many senders, each compressing in a worker thread; a
+    # compressor shared between threads aborted the interpreter.
+    import threading
+
+    blocks = [bytes([n]) * 65536 + bytes(range(256)) * 64 for n in range(8)]
+    results: dict[int, list] = {}
+
+    def work(n: int) -> None:
+        results[n] = [compression.compress_block(blocks[n]) for _ in range(50)]
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    for n, frames in results.items():
+        assert len(frames) == 50
+        assert all(compression.inflate_frame(frame, len(blocks[n])) == blocks[n] for frame in frames)
