@@ -53,6 +53,16 @@ class Channel:
         self.bytes_sent = 0
         self.bytes_received = 0
 
+    @property
+    def big_records(self) -> bool:
+        """Whether records over 0x7fff bytes may be sealed and opened (both our peers agreed
+        in the data phase: see transfer.BIG_RECORDS); never with bob."""
+        return self._sealer.big
+
+    @big_records.setter
+    def big_records(self, allowed: bool) -> None:
+        self._sealer.big = self._opener.big = allowed
+
     async def send(self, plaintext: bytes | memoryview) -> None:
         """Queue one record; it is written once the batch is full or on ``flush``."""
         header, sealed = self._sealer.seal_parts(plaintext)

@@ -30,7 +30,7 @@ async def receive_offer(
     and TransferFailed carries the one line for the user. A text message is handed to
     ``show_text`` (only offered to senders when it is given) before the acknowledgement.
     """
-    features = {transfer.UNKNOWN_SIZE}
+    features = {transfer.UNKNOWN_SIZE, transfer.BIG_RECORDS}
     if compression.available():
         features.add(transfer.ZSTD)
     if getattr(destination, "supports_resume", False):
@@ -41,6 +41,7 @@ async def receive_offer(
     progress: Progress | None = None
     try:
         with destination.all_or_nothing():
+            channel.big_records = session.big_records  # before the sender may use them
             await channel.send(session.hello())
             await channel.flush()
             first = await channel.receive()

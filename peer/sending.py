@@ -24,7 +24,7 @@ ANSWER_TIMEOUT = 24 * 3600.0
 
 Confirm = Callable[[], Awaitable[bool]]
 
-FEATURES = frozenset({transfer.TEXT, transfer.UNKNOWN_SIZE, transfer.RESUME})
+FEATURES = frozenset({transfer.TEXT, transfer.UNKNOWN_SIZE, transfer.RESUME, transfer.BIG_RECORDS})
 """What this sender can use when the receiver offers it (zstd is added unless disabled)."""
 
 _WHY_MISSING = {
@@ -109,6 +109,7 @@ async def _send(channel, session, selection, confirm, make_progress, to_bob, bob
     hello = session.receive(first)
     if isinstance(hello, transfer.PeerError):
         raise TransferFailed(f"the receiver stopped: {hello.reason}")
+    channel.big_records = session.big_records
     if session.missing_features:
         reason = _WHY_MISSING[min(session.missing_features)]
         await _tell(channel, session, "the sender needs what this receiver does not support: "

@@ -25,7 +25,7 @@ from typing import ClassVar, Iterable, Union
 import attrs
 
 from peer import compression
-from peer.records import MAX_RECORD_SIZE
+from peer.records import MAX_BIG_RECORD_SIZE, MAX_RECORD_SIZE
 
 __all__ = [
     "DIRECTORY",
@@ -83,6 +83,8 @@ MAGIC = b"peer-relay"
 
 MAX_DATA_SIZE = MAX_RECORD_SIZE - 1
 """File bytes per DATA record: a whole record minus the type byte."""
+MAX_BIG_DATA_SIZE = MAX_BIG_RECORD_SIZE - 1
+"""File bytes per DATA record under the feature big-records."""
 
 DIGEST_SIZE = 32  # blake3
 MAX_REASON_BYTES = 1024
@@ -101,6 +103,9 @@ UNKNOWN_SIZE = "unknown-size"
 """Feature: a file's size may be unknown (``null``) until its FILE_END, as for a pipe."""
 ZSTD = "zstd"
 """Feature: file content may come as zstd frames (ZDATA) as well as raw DATA."""
+BIG_RECORDS = "big-records"
+"""Feature: DATA messages of up to MAX_BIG_DATA_SIZE bytes, in big records (peer/records.py).
+Every other message keeps to MAX_RECORD_SIZE."""
 RESUME = "resume"
 """Feature: CHECK messages every RESUME_CHUNK bytes, and resume points in ANSWER and FILE."""
 RESUME_CHUNK = 16 * 1024 * 1024
@@ -758,16 +763,20 @@ _NAMES = {
 }
 
 
-def decode_message(plaintext: bytes | bytearray | memoryview) -> Message:
+def decode_message(plaintext: bytes | bytearray | memoryview, *, big: bool = False) -> Message:
     """Parse one record plaintext. Raises ProtocolError, and nothing else, on bad input.
 
-    A Data message's `data` is a view into `plaintext`, not a copy.
+    A Data message's `data` is a view into `plaintext`, not a copy. With `big` (we offered
+    big-records), a DATA message may be up to MAX_BIG_RECORD_SIZE bytes.
     """
     view = memoryview(plaintext)
     if view.ndim != 1 or view.itemsize != 1:
         view = view.cast("B")
     if not 1 <= len(view) <= MAX_RECORD_SIZE:
-        raise ProtocolError(f"message of {len(view)} bytes (must be 1..{MAX_RECORD_SIZE})")
+        if not (big and MAX_RECORD_SIZE < len(view) <= MAX_BIG_RECORD_SIZE and view[0] == Data.TYPE):
+            largest = MAX_BIG_RECORD_SIZE if big else MAX_RECORD_SIZE
+            raise ProtocolError(f"message of {len(view)} bytes (must be 1..{largest}, "
+                                f"and only DATA may be over {MAX_RECORD_SIZE})")
     kind = _MESSAGE_TYPES.get(view[0])
     if kind is None:
         if bytes(view[:4]) == b"PACK":
@@ -977,6 +986,7 @@ class SenderSession:
         self._position = _Position(0, False)
         # One record-sized buffer reused for every DATA message: the file is read
         # straight into it after the type byte, and the sealer reads it from there.
+        self._max_data = MAX_DATA_SIZE
         self._buffer = bytearray(MAX_RECORD_SIZE)
         self._buffer[0] = Data.TYPE
         self._view = memoryview(self._buffer)
@@ -1029,6 +1039,12 @@ class SenderSession:
             raise self._fail(f"the receiver speaks version {hello.version}, this sender needs 1")
         self.version = min(hello.version, PROTOCOL_VERSION)
         self.features = self._supported & frozenset(hello.capabilities)
+        if BIG_RECORDS in self.features:
+            # The sealer must be told too: see `big_records`.
+            self._max_data = MAX_BIG_DATA_SIZE
+            self._buffer = bytearray(MAX_BIG_RECORD_SIZE)
+            self._buffer[0] = Data.TYPE
+            self._view = memoryview(self._buffer)
         self._state = _Sender.HELLO_RECEIVED
         return HelloReceived(hello.version, frozenset(hello.capabilities))
 
@@ -1128,7 +1144,14 @@ class SenderSession:
         """Bytes of the current file still to send; None while sending a file of unknown size."""
         return self._remaining if self._state is _Sender.IN_FILE else 0
 
-    def _room(self, limit: int = MAX_DATA_SIZE) -> int:
+    @property
+    def big_records(self) -> bool:
+        """Whether DATA messages may be big: the channel's sealer must then allow them."""
+        return BIG_RECORDS in self.features
+
+    def _room(self, limit: int | None = None) -> int:
+        if limit is None:
+            limit = self._max_data
         if self._position.check_due:
             raise RuntimeError("a CHECK is due first")
         room = limit if self._remaining is None else min(limit, self._remaining)
@@ -1239,6 +1262,7 @@ class ReceiverSession:
         """The compressed frame being gathered, piece by piece (feature zstd)."""
         self._resume_at: dict[int, int] = {}
         self._position = _Position(0, False)
+        self._big = BIG_RECORDS in self._supported
 
     @property
     def finished(self) -> bool:
@@ -1253,6 +1277,11 @@ class ReceiverSession:
         self._state = _Receiver.FAILED
         self._failure = ProtocolError(reason)
         return self._failure
+
+    @property
+    def big_records(self) -> bool:
+        """Whether we offer big records: the channel's opener must then accept them."""
+        return self._big
 
     def hello(self) -> bytes:
         """Our first message, sent as soon as the secure room opens."""
@@ -1269,7 +1298,7 @@ class ReceiverSession:
         if self.finished:
             raise self._fail("the sender sent a message after the transfer ended")
         try:
-            message = decode_message(plaintext)
+            message = decode_message(plaintext, big=self._big)
         except ProtocolError as exc:
             raise self._fail(str(exc)) from None
         if isinstance(message, Error):

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from peer import records
-from peer.records import CLOSE, CLOSED, MAX_RECORD_SIZE, Opener, RecordError, Sealer
+from peer.records import CLOSE, CLOSED, MAX_BIG_RECORD_SIZE, MAX_RECORD_SIZE, Opener, RecordError, Sealer
 
 # PROTOCOL.md §4.5.
 SUB0 = bytes.fromhex(
@@ -274,3 +274,65 @@ def test_nonce_layout():
     assert records._nonce(SUB0[32:44], 0x0102) == SUB0[32:44] + bytes(6) + b"\x01\x02"
     with pytest.raises(RecordError):
         records._nonce(SUB0[32:44], 2**64)
+
+
+# -- big records (our peers only, once agreed) ------------------------------------------------
+
+
+def big_pair() -> tuple[Sealer, Opener]:
+    sealer, opener = Sealer(SUB0), Opener(SUB0)
+    sealer.big = opener.big = True
+    return sealer, opener
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    sizes=st.lists(st.sampled_from([1, 100, MAX_RECORD_SIZE, MAX_RECORD_SIZE + 1, 70_000,
+                                    MAX_BIG_RECORD_SIZE]), max_size=6),
+    piece=st.integers(1, 100_000),
+)
+def test_big_and_small_records_mix_in_any_split(sizes, piece):
+    sealer, opener = big_pair()
+    messages = [os.urandom(size) for size in sizes]
+    stream = b"".join(sealer.seal(message) for message in messages) + CLOSE
+    received = []
+    for start in range(0, len(stream), piece):
+        opener.feed(stream[start : start + piece])
+        if not opener.closed:
+            received.extend(drain(opener))
+    assert received == [*messages, CLOSED]
+
+
+def test_a_big_record_has_a_four_byte_header_that_the_aad_covers():
+    sealer, opener = big_pair()
+    record = sealer.seal(bytes(MAX_RECORD_SIZE + 1))
+    assert record[:4] == (0x8000_0000 | (MAX_RECORD_SIZE + 1)).to_bytes(4, "big")
+    assert len(record) == 4 + MAX_RECORD_SIZE + 1 + 16
+    assert Sealer(SUB0).seal(bytes(MAX_RECORD_SIZE))[:2] == b"\x7f\xff"  # small stays small
+    # A length changed in the header is caught (it is in the AAD), not misread.
+    forged = bytearray(sealer.seal(bytes(MAX_RECORD_SIZE + 2)))
+    forged[3] -= 1
+    opener.feed(bytes(forged[:-1]))
+    with pytest.raises(RecordError, match="failed authentication"):
+        drain(opener)
+
+
+def test_big_records_only_once_agreed():
+    with pytest.raises(ValueError, match=f"1..{MAX_RECORD_SIZE} bytes"):
+        Sealer(SUB0).seal(bytes(MAX_RECORD_SIZE + 1))
+    sealer, _ = big_pair()
+    with pytest.raises(ValueError, match=f"1..{MAX_BIG_RECORD_SIZE} bytes"):
+        sealer.seal(bytes(MAX_BIG_RECORD_SIZE + 1))
+    record = sealer.seal(bytes(MAX_RECORD_SIZE + 1))
+    opener = Opener(SUB0)  # as bob, or one of ours that did not offer them
+    opener.feed(record)
+    with pytest.raises(RecordError, match="invalid record length 0x8000"):
+        drain(opener)
+
+
+@pytest.mark.parametrize("length", [0, 1, MAX_RECORD_SIZE, MAX_BIG_RECORD_SIZE + 1, 0x10_0000])
+def test_a_big_header_with_a_length_out_of_bounds_is_corruption(length):
+    _, opener = big_pair()
+    opener.feed((0x8000_0000 | length).to_bytes(4, "big") + bytes(64))
+    with pytest.raises(RecordError, match="invalid big record length"):
+        drain(opener)

@@ -17,6 +17,8 @@ from peer.source import scan
 from peer.transfer import (
     DIRECTORY,
     FILE,
+    BIG_RECORDS,
+    MAX_BIG_DATA_SIZE,
     MAX_DATA_SIZE,
     Accepted,
     Ack,
@@ -467,6 +469,43 @@ def test_version_and_feature_negotiation():
     events = [receiver.receive(message) for message in sender.offer_messages()]
     assert events[-1] == OfferReceived(SMALL_OFFER)
     assert receiver.features == {"zstd"}
+
+
+def big_offer(size: int) -> Offer:
+    return Offer([file_entry("big.bin", size)])
+
+
+def test_big_data_messages_only_when_both_offered_big_records():
+    size = 3 * MAX_BIG_DATA_SIZE
+    for sender_has, receiver_has, room in [(True, True, MAX_BIG_DATA_SIZE),
+                                           (True, False, MAX_DATA_SIZE),
+                                           (False, True, MAX_DATA_SIZE)]:
+        sender = SenderSession(big_offer(size), features=[BIG_RECORDS] if sender_has else [])
+        receiver = ReceiverSession(features=[BIG_RECORDS] if receiver_has else [])
+        assert receiver.big_records is receiver_has
+        sender.receive(receiver.hello())
+        assert sender.big_records is (sender_has and receiver_has)
+        for message in sender.offer_messages():
+            receiver.receive(message)
+        sender.receive(receiver.accept())
+        receiver.receive(sender.begin_file(sender.next_file()))
+        buffer = sender.data_buffer()
+        assert len(buffer) == room
+        buffer[:] = b"x" * room
+        event = receiver.receive(sender.data_message(room))
+        assert isinstance(event, FileData) and len(event.data) == room
+
+
+def test_a_big_message_that_is_not_data_or_was_not_offered_is_refused():
+    big_data = Data(b"x" * MAX_BIG_DATA_SIZE)
+    big = bytes([Data.TYPE]) + bytes(big_data.data)
+    assert isinstance(decode_message(big, big=True), Data)
+    with pytest.raises(ProtocolError, match="only DATA may be over"):
+        decode_message(big)
+    with pytest.raises(ProtocolError, match="only DATA may be over"):
+        decode_message(bytes([Error.TYPE]) + b"x" * MAX_RECORD_SIZE, big=True)
+    with pytest.raises(ProtocolError):
+        decode_message(big + b"x", big=True)
 
 
 def test_a_large_offer_spans_several_records():
