@@ -7,7 +7,7 @@ import trio
 from . import records
 from .transfer import TransferFailed
 
-RECEIVE_SIZE = 256 * 1024
+RECEIVE_SIZE = 1024 * 1024
 _IOV_MAX = 512  # well under every system's limit on buffers per sendmsg
 
 
@@ -42,7 +42,7 @@ class Channel:
         receive_key: bytes,
         send_cipher: int = records.CIPHER_AES256_GCM,
         receive_cipher: int = records.CIPHER_AES256_GCM,
-        batch_size: int = 256 * 1024,
+        batch_size: int = 1024 * 1024,
     ) -> None:
         self.stream = stream
         self._sealer = records.Sealer(send_key, send_cipher)
