@@ -212,15 +212,8 @@ def ours(source: Path, out_dir: Path, transport: str, python: str = sys.executab
                                   str(source)], env=child_env)
         children.start("receiver", [python, "-m", "peer", "recv", *where, "-q", "-y", "-o",
                                     str(out_dir), CODE], env=child_env)
-        statuses = children.wait("receiver"), children.wait("sender")
-        elapsed = time.perf_counter() - started
-        relay_cpu = cpu_of(relay.pid) - relay_before
-        children.stop("relay")
-        children.cpu["relay"] = relay_cpu
-        if statuses != (0, 0):
-            raise RuntimeError(f"ours over {transport} failed: recv {statuses[0]}, send {statuses[1]}")
-        _check(source, out_dir / source.name)
-        return Run(elapsed, children.cpu, children.peak_kib)
+        return _finish(children, started, relay_before, ["relay"], f"ours over {transport}",
+                       source, out_dir)
     finally:
         children.stop_all()
         shutil.rmtree(out_dir, ignore_errors=True)
@@ -255,20 +248,29 @@ def wormhole(source: Path, out_dir: Path, venv: Path) -> Run:
         children.start("receiver", [*common, "receive", "--no-listen", "--hide-progress",
                                     "--accept-file", "-o", str(out_dir / source.name), WORMHOLE_CODE],
                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        statuses = children.wait("receiver"), children.wait("sender")
-        elapsed = time.perf_counter() - started
-        relay_cpu = cpu_of(relay.pid) - relay_before
-        children.stop("relay")
-        children.stop("mailbox")
-        children.cpu["relay"] = relay_cpu
-        if statuses != (0, 0):
-            err = children.processes["receiver"].stderr.read().decode(errors="replace").strip()
-            raise RuntimeError(f"wormhole failed: recv {statuses[0]}, send {statuses[1]}: {err[-300:]}")
-        _check(source, out_dir / source.name)
-        return Run(elapsed, children.cpu, children.peak_kib)
+        return _finish(children, started, relay_before, ["relay", "mailbox"], "wormhole",
+                       source, out_dir)
     finally:
         children.stop_all()
         shutil.rmtree(out_dir, ignore_errors=True)
+
+
+def _finish(children: Children, started: float, relay_before: float, servers: list[str],
+            what: str, source: Path, out_dir: Path) -> Run:
+    """Both ends done: the wall time, the relay's CPU during the transfer, the servers
+    stopped (for their peak memory), the received file checked."""
+    statuses = children.wait("receiver"), children.wait("sender")
+    elapsed = time.perf_counter() - started
+    relay_cpu = cpu_of(children.processes["relay"].pid) - relay_before
+    for role in servers:
+        children.stop(role)
+    children.cpu["relay"] = relay_cpu
+    if statuses != (0, 0):
+        stream = children.processes["receiver"].stderr
+        said = stream.read().decode(errors="replace").strip()[-300:] if stream else ""
+        raise RuntimeError(f"{what} failed: recv {statuses[0]}, send {statuses[1]} {said}")
+    _check(source, out_dir / source.name)
+    return Run(elapsed, children.cpu, children.peak_kib)
 
 
 def _check(source: Path, received: Path) -> None:
