@@ -21,11 +21,11 @@ import re
 import secrets
 import shutil
 import stat
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterator
 
 import blake3
-from concurrent.futures import Future, ThreadPoolExecutor
 
 from peer.journal import JOURNAL_SUFFIX, Journal, journal_key
 from peer.transfer import (
