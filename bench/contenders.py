@@ -15,7 +15,6 @@ loopback socket copy and the same copy through a ``socat`` forwarder.
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import socket
 import subprocess
@@ -25,7 +24,7 @@ from pathlib import Path
 
 import attrs
 
-from measure import cpu_of, env
+from measure import cpu_of, env, relay_command, relay_ports
 
 SINK = r"""
 import socket
@@ -49,10 +48,6 @@ while size:
     size -= n
 conn.close()
 """
-READY = re.compile(
-    r"listening on 127\.0\.0\.1:(\d+) \(handshake\) and 127\.0\.0\.1:(\d+) \(secure room\), "
-    r"127\.0\.0\.1:(\d+) \(websocket\)"
-)
 CODE = "321-bench-mark-code"
 WORMHOLE_CODE = "7-bench-mark-code"
 
@@ -190,20 +185,13 @@ def ours(source: Path, out_dir: Path, transport: str, python: str = sys.executab
     child_env = env() if child_env is None else child_env
     children = Children()
     try:
-        relay = children.start(
-            "relay",
-            [python, "-m", "relay", "--host", "127.0.0.1", "--port", "0", "--secure-port", "0",
-             "--ws-port", "0", "-q"],
-            stdout=subprocess.PIPE, text=True, env=child_env,
-        )
-        match = READY.search(relay.stdout.readline())
-        if not match:
-            raise RuntimeError("the relay did not start")
-        port, secure, ws_port = match[1], match[2], match[3]
+        relay = children.start("relay", relay_command("--ws-port", "0", python=python),
+                               stdout=subprocess.PIPE, text=True, env=child_env)
+        port, secure, ws_port = relay_ports(relay)
         if transport == "ws":
             where = ["--relay", f"ws://127.0.0.1:{ws_port}/"]
         else:
-            where = ["--relay", f"127.0.0.1:{port}", "--secure-port", secure]
+            where = ["--relay", f"127.0.0.1:{port}", "--secure-port", str(secure)]
         shutil.rmtree(out_dir, ignore_errors=True)
         out_dir.mkdir()
         relay_before = cpu_of(relay.pid)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -29,7 +28,7 @@ import trio
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from measure import INSTALLED, child_cwd, cpu_of, env  # noqa: E402
+from measure import INSTALLED, cpu_of, start_relay  # noqa: E402
 
 if not INSTALLED:
     sys.path.insert(0, str(ROOT))
@@ -38,20 +37,6 @@ if not INSTALLED:
 from peer import handshake  # noqa: E402
 from peer.address import RelayAddress  # noqa: E402
 from peer.meeting import meet  # noqa: E402
-
-
-def start_relay(python: str) -> tuple[subprocess.Popen, int, int]:
-    relay = subprocess.Popen(
-        [python, "-m", "relay", "--host", "127.0.0.1", "--port", "0", "--secure-port", "0",
-         "--max-connections", "0", "--hello-rate", "0", "--max-rooms", "0", "-q"],
-        cwd=child_cwd(), env=env(), stdout=subprocess.PIPE, text=True,
-    )
-    line = relay.stdout.readline()
-    ports = [int(part.split()[0].rstrip(",")) for part in line.split("127.0.0.1:")[1:]]
-    if len(ports) < 2:
-        relay.kill()
-        raise SystemExit(f"relay did not start: {line!r}")
-    return relay, ports[0], ports[1]
 
 
 async def one_pair(address: RelayAddress, number: int, iterations: int, took: list[float]) -> None:
@@ -92,7 +77,8 @@ async def run(address: RelayAddress, pairs: int, concurrency: int, iterations: i
 
 def measure(pairs: int = 2000, concurrency: int = 200, iterations: int = 16,
             python: str = sys.executable) -> dict[str, float]:
-    relay, port, secure = start_relay(python)
+    relay, (port, secure) = start_relay("--max-connections", "0", "--hello-rate", "0",
+                                        "--max-rooms", "0", python=python)
     try:
         address = RelayAddress("127.0.0.1", port, secure)
         before = cpu_of(relay.pid)

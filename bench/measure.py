@@ -1,9 +1,10 @@
-"""What the benchmark scripts share: a child environment and per-process CPU seconds."""
+"""What the benchmark scripts share: a child environment, starting a relay, CPU seconds."""
 
 from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -29,6 +30,30 @@ def child_cwd() -> Path | None:
     """Where to start ``python -m relay`` / ``python -m peer``: ``-m`` looks in the working
     directory first, so this tree's root when measuring it, anywhere else otherwise."""
     return None if INSTALLED else ROOT
+
+
+def relay_command(*options: str, python: str = sys.executable) -> list[str]:
+    """``python -m relay`` on loopback, every port picked by the system, quiet."""
+    return [python, "-m", "relay", "--host", "127.0.0.1", "--port", "0", "--secure-port", "0",
+            "-q", *options]
+
+
+def relay_ports(relay: subprocess.Popen) -> list[int]:
+    """The ports a relay started with ``relay_command`` (stdout piped, text) says it listens
+    on: handshake, secure room, then WebSocket if it has one. Kills it if it did not start."""
+    line = relay.stdout.readline()
+    ports = [int(part.split()[0].rstrip(",")) for part in line.split("127.0.0.1:")[1:]]
+    if len(ports) < 2:
+        relay.kill()
+        raise RuntimeError(f"the relay did not start: {line!r}")
+    return ports
+
+
+def start_relay(*options: str, python: str = sys.executable) -> tuple[subprocess.Popen, list[int]]:
+    """A relay process for a benchmark, and its ports (see relay_ports)."""
+    relay = subprocess.Popen(relay_command(*options, python=python), cwd=child_cwd(), env=env(),
+                             stdout=subprocess.PIPE, text=True)
+    return relay, relay_ports(relay)
 
 
 def cpu_of(pid: int) -> float:

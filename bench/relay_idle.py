@@ -29,7 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from measure import INSTALLED, child_cwd, env  # noqa: E402
+from measure import INSTALLED, start_relay  # noqa: E402
 
 if not INSTALLED:
     sys.path.insert(0, str(ROOT))
@@ -65,20 +65,6 @@ def raise_file_limit(needed: int) -> int:
     return hard
 
 
-def start_relay(python: str) -> tuple[subprocess.Popen, int]:
-    relay = subprocess.Popen(
-        [python, "-m", "relay", "--host", "127.0.0.1", "--port", "0", "--secure-port", "0",
-         "--max-connections", "0", "--hello-rate", "0", "-q"],
-        cwd=child_cwd(), env=env(), stdout=subprocess.PIPE, text=True,
-    )
-    line = relay.stdout.readline()
-    if "listening on 127.0.0.1:" not in line:
-        relay.kill()
-        raise SystemExit(f"relay did not start: {line!r}")
-    port = int(line.split("127.0.0.1:")[1].split()[0])
-    return relay, port
-
-
 def read_reply(sock: socket.socket) -> None:
     """Read one Server_identity (header, identity, NUL)."""
     parser = wire.Parser()
@@ -98,7 +84,7 @@ def measure(connections: int, python: str = sys.executable) -> dict[str, float]:
     wanted = connections
     limit = raise_file_limit(connections + SPARE_FILES)
     connections = min(connections, limit - SPARE_FILES)
-    relay, port = start_relay(python)
+    relay, (port, _) = start_relay("--max-connections", "0", "--hello-rate", "0", python=python)
     sockets: list[socket.socket] = []
     try:
         time.sleep(0.5)

@@ -26,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from measure import INSTALLED, child_cwd, cpu_of, env  # noqa: E402
+from measure import INSTALLED, cpu_of, start_relay  # noqa: E402
 
 if not INSTALLED:
     sys.path.insert(0, str(ROOT))
@@ -123,14 +123,8 @@ def push(sender: socket.socket, receiver: socket.socket, total: int) -> tuple[fl
 
 
 def run_relay(total: int) -> tuple[float, float, int]:
-    relay = subprocess.Popen(
-        [sys.executable, "-m", "relay", "--host", "127.0.0.1", "--port", "0",
-         "--secure-port", "0", "-q"],
-        cwd=child_cwd(), env=env(), stdout=subprocess.PIPE, text=True,
-    )
+    relay, ports = start_relay()
     try:
-        line = relay.stdout.readline()
-        ports = [int(part.split()[0].rstrip(",")) for part in line.split("127.0.0.1:")[1:]]
         sender, receiver = relay_room(*ports)
         before = cpu_of(relay.pid)
         elapsed, received = push(sender, receiver, total)
