@@ -7,9 +7,11 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import attrs
+import trio
 
 ROOT = Path(__file__).resolve().parent.parent
 READY = re.compile(rb"listening on 127\.0\.0\.1:(\d+) \(handshake\) and 127\.0\.0\.1:(\d+) \(secure room\)")
@@ -44,25 +46,39 @@ def start_relay(*extra: str, timeout: float = 20.0) -> RelayProcess:
         stderr=subprocess.DEVNULL,
         env=child_env(),
     )
-    line = b""
-    try:
-        # The ready line comes within a second; readline is bounded by the kill below.
-        import threading
+    match = ready_line(process, READY, timeout)
+    return RelayProcess(process, int(match[1]), int(match[2]))
 
-        timer = threading.Timer(timeout, process.kill)
+
+def ready_line(process: subprocess.Popen, ready: re.Pattern, timeout: float) -> re.Match:
+    """The relay's first line, matched by ``ready``; the relay is killed if it is not that
+    within ``timeout`` (the ready line comes within a second)."""
+    try:
+        timer = threading.Timer(timeout, process.kill)  # bounds the readline below
         timer.start()
         try:
             line = process.stdout.readline()
         finally:
             timer.cancel()
-        match = READY.search(line)
+        match = ready.search(line)
         if not match:
             raise RuntimeError(f"relay did not start: {line!r}")
     except BaseException:
         process.kill()
         process.wait(5)
+        process.stdout.close()
         raise
-    return RelayProcess(process, int(match[1]), int(match[2]))
+    return match
+
+
+async def first_line(process: trio.Process) -> bytes:
+    """A trio child's first line of standard output (the caller bounds the time)."""
+    line = bytearray()
+    while not line.endswith(b"\n"):
+        chunk = await process.stdout.receive_some(1)
+        assert chunk, "the process exited before saying it was ready"
+        line += chunk
+    return bytes(line)
 
 
 def stop_relay(relay: RelayProcess) -> int:

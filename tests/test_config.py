@@ -18,7 +18,7 @@ from relay.limits import Limits
 from relay.logs import LogSettings
 from relay.server import RelayConfig, RelayServer
 
-from processes import child_env
+from processes import child_env, first_line
 from test_relay_server import Peer
 
 LIMIT = 15
@@ -242,11 +242,7 @@ async def test_sighup_reloads_the_file_and_a_bad_file_keeps_the_running_configur
     log = bytearray()
     try:
         with trio.fail_after(LIMIT):
-            line = bytearray()
-            while not line.endswith(b"\n"):
-                chunk = await process.stdout.receive_some(1)
-                assert chunk, "the relay exited before saying it was ready"
-                line += chunk
+            line = await first_line(process)
             port = int(line.decode().split("127.0.0.1:")[1].split()[0])
             path.write_text('host = ["127.0.0.1"]\nport = 1\nsecure-port = 0\nlimit-exempt = []\n'
                             "max-connections-per-address = 1\n")

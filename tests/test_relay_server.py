@@ -17,6 +17,8 @@ from relay import wire
 from relay.pipe import CLOSE_MARKER
 from relay.server import BoundPorts, ListenError, RelayConfig, serve
 
+from processes import first_line
+
 PUBLIC = bytes.fromhex("00010002000000000000001000000002000400112233445566778899aabbccddeeff")
 X = bytes(range(32))
 Y = bytes(range(32, 64))
@@ -371,12 +373,7 @@ async def test_the_cli_prints_its_ports_and_exits_0_on_sigterm():
         command, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     try:
         with trio.fail_after(LIMIT):
-            line = bytearray()
-            while not line.endswith(b"\n"):
-                chunk = await process.stdout.receive_some(1)
-                assert chunk, "the relay exited before saying it was ready"
-                line += chunk
-            text = line.decode()
+            text = (await first_line(process)).decode()
             assert text.startswith("peer-relay: listening on 127.0.0.1:")
             port = int(text.split("127.0.0.1:")[1].split()[0])
             peer = await Peer.connect("127.0.0.1", port)

@@ -10,7 +10,6 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import attrs
@@ -26,7 +25,7 @@ from peer.channel import Channel
 from peer.meeting import meet
 from relay.server import BoundPorts, RelayConfig, serve
 
-from processes import child_env
+from processes import child_env, ready_line
 
 CODE = "123-cobalt-lemon-unicycle"
 LIMIT = 20
@@ -142,18 +141,7 @@ def start_relay(*extra: str, timeout: float = 20.0) -> Relay:
         stderr=subprocess.DEVNULL,
         env=child_env(),
     )
-    timer = threading.Timer(timeout, process.kill)  # bounds the readline below
-    timer.start()
-    try:
-        line = process.stdout.readline()
-    finally:
-        timer.cancel()
-    match = READY.search(line)
-    if not match:
-        process.kill()
-        process.wait(5)
-        process.stdout.close()
-        raise RuntimeError(f"relay did not start: {line!r}")
+    match = ready_line(process, READY, timeout)
     ws = int(match[3]) if match[3] else None
     return Relay(process, int(match[1]), int(match[2]), ws)
 
