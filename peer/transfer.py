@@ -583,27 +583,38 @@ class Answer:
         return cls(True, "", points)
 
 
+class _FixedMessage:
+    """A type byte and integer fields in a fixed struct layout (FILE and ACK)."""
+
+    TYPE: ClassVar[int]
+    WHAT: ClassVar[str]
+    LAYOUT: ClassVar[struct.Struct]
+
+    def encode(self) -> bytes:
+        return bytes([self.TYPE]) + self.LAYOUT.pack(*attrs.astuple(self))
+
+    @classmethod
+    def decode(cls, body: memoryview):
+        if len(body) != cls.LAYOUT.size:
+            raise ProtocolError(f"{cls.WHAT} is {len(body)} bytes, expected {cls.LAYOUT.size}")
+        return cls(*cls.LAYOUT.unpack(body))
+
+
 @attrs.frozen
-class FileStart:
+class FileStart(_FixedMessage):
     """s→r: the bytes of offer entry `index` follow, starting at `offset` (0 for now)."""
 
     TYPE: ClassVar[int] = 0x04
+    WHAT: ClassVar[str] = "file start"
+    LAYOUT: ClassVar[struct.Struct] = _FILE_START
     index: int
     offset: int = 0
-
-    def encode(self) -> bytes:
-        return bytes([self.TYPE]) + _FILE_START.pack(self.index, self.offset)
-
-    @classmethod
-    def decode(cls, body: memoryview) -> FileStart:
-        if len(body) != _FILE_START.size:
-            raise ProtocolError(f"file start is {len(body)} bytes, expected {_FILE_START.size}")
-        return cls(*_FILE_START.unpack(body))
 
 
 @attrs.frozen
 class Data:
-    """s→r: raw bytes of the current file (1..32766 per record).
+    """s→r: raw bytes of the current file (1..32766 per record; up to MAX_BIG_DATA_SIZE
+    under big-records).
 
     Senders should build these with `SenderSession.data_buffer` instead, which avoids
     copying; `encode` exists for tests and tools.
@@ -669,21 +680,14 @@ class Done:
 
 
 @attrs.frozen
-class Ack:
+class Ack(_FixedMessage):
     """r→s: everything is verified and in place; the counts let the sender cross-check."""
 
     TYPE: ClassVar[int] = 0x08
+    WHAT: ClassVar[str] = "ack"
+    LAYOUT: ClassVar[struct.Struct] = _ACK
     file_count: int
     total_bytes: int
-
-    def encode(self) -> bytes:
-        return bytes([self.TYPE]) + _ACK.pack(self.file_count, self.total_bytes)
-
-    @classmethod
-    def decode(cls, body: memoryview) -> Ack:
-        if len(body) != _ACK.size:
-            raise ProtocolError(f"ack is {len(body)} bytes, expected {_ACK.size}")
-        return cls(*_ACK.unpack(body))
 
 
 @attrs.frozen
