@@ -95,6 +95,10 @@ class WebSocketStream(trio.abc.Stream):
     # -- receiving ------------------------------------------------------------------------
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if self._ready:
+            # Every call yields, as trio's streams promise: payload already decoded would
+            # otherwise let one reader of tiny packets hold the whole relay for a long read.
+            await trio.lowlevel.checkpoint()
         while not self._ready:
             if self._ended is not None:
                 await trio.lowlevel.checkpoint()

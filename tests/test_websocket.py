@@ -111,6 +111,18 @@ async def test_both_directions_at_once():
         assert got == {"client": other, "server": one}
 
 
+async def test_every_read_yields_even_when_payload_is_waiting():
+    # Without this one flooder of tiny packets held the relay's whole event loop for as long
+    # as it took to parse a 256 KiB read, and other peers' upgrades timed out meanwhile.
+    with trio.fail_after(LIMIT):
+        client, server = await websocket_pair()
+        await client.send_all(os.urandom(50_000))
+        received = await server.receive_some(100)  # decodes the whole message
+        while len(received) < 50_000:
+            with trio.testing.assert_checkpoints():
+                received += await server.receive_some(1000)
+
+
 async def read_exactly(stream: trio.abc.Stream, size: int) -> bytes:
     data = bytearray()
     while len(data) < size:
