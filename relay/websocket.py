@@ -5,12 +5,11 @@ nothing (a packet may span messages, a message may hold several packets). So a
 ``WebSocketStream`` is a ``trio.abc.Stream`` like any socket, and the relay's handshake
 core, its room pairing and its pipe serve it unchanged; peers use the same class.
 
-wsproto does the framing, sans-I/O; this module only moves bytes between it and a trio
-stream (TCP or TLS), in the caller's task. Outgoing binary frames are the exception: they
-are built here (a header, and the payload masked when we are the client) and written with
-the payload as a separate piece, because building them through wsproto copied every byte
-three times on the relay's busiest path. No extension is ever negotiated, so a binary
-frame is nothing more than that. Nothing runs in the background: a reader task
+wsproto reads and writes the HTTP upgrade; after it, frames are ours (``relay.frames``):
+wsproto's decoder copied every byte three or four times and unmasked it at 0.7 GB/s, on
+the relay's busiest path. Outgoing binary frames are written as a header and the payload
+as separate pieces (masked when we are the client). No extension is ever negotiated, so a
+binary frame is nothing more than that. Nothing runs in the background: a reader task
 with a message queue (as trio-websocket has) would need a nursery that outlives the peer's
 ``meet()``, and would hold a message more per connection in the relay.
 
@@ -18,31 +17,21 @@ Memory stays bounded whatever the other side sends: one transport read at a time
 decoded (frames are decoded as they arrive, not assembled), and nothing more is read until
 the caller took those bytes. What is not allowed ends the connection with a Close frame
 whose code and reason say why: a text message (1003), a message over ``MAX_MESSAGE`` (1009),
-a malformed frame (wsproto's code).
+a malformed frame (1002, or 1007 for a Close reason that is not UTF-8).
 """
 
 from __future__ import annotations
 
 import collections
+import enum
 import http
-import os
-import struct
 
 import trio
 import wsproto
 import wsproto.utilities
-from wsproto.connection import ConnectionState
-from wsproto.events import (
-    AcceptConnection,
-    BytesMessage,
-    CloseConnection,
-    Ping,
-    RejectConnection,
-    RejectData,
-    Request,
-    TextMessage,
-)
-from wsproto.frame_protocol import CloseReason
+from wsproto.events import AcceptConnection, RejectConnection, RejectData, Request
+
+from . import frames
 
 MAX_MESSAGE = 1 << 20
 """The largest message accepted. Ours are at most ``SEND_SIZE``; it bounds what a peer can
@@ -58,33 +47,40 @@ MAX_REJECT_BODY = 1024
 CLOSE_WAIT = 2.0
 """Seconds ``aclose`` waits for the other side to answer our Close frame."""
 
-_CLEAN_CODES = frozenset({
-    CloseReason.NORMAL_CLOSURE,
-    CloseReason.GOING_AWAY,
-    CloseReason.NO_STATUS_RCVD,
-    CloseReason.ABNORMAL_CLOSURE,
-})
-"""Endings read as a plain end of stream. 1006 is a TCP close without a Close frame: that is
-how TCP peers end, and our peers end so too (their channel's end marker came before)."""
+NORMAL_CLOSURE = 1000
+_CLEAN_CODES = frozenset({NORMAL_CLOSURE, 1001, frames.NO_STATUS})
+"""Close codes read as a plain end of stream (a clean end, going away, no code)."""
 
 
 class WebSocketError(Exception):
     """The upgrade failed (refused, malformed, not a WebSocket server); the message says why."""
 
 
+class _State(enum.Enum):
+    OPEN = "open"
+    CLOSING = "closing"
+    """We sent our Close frame and wait for theirs."""
+    CLOSED = "closed"
+    """Both Close frames were sent, or the transport ended."""
+
+
 class WebSocketStream(trio.abc.Stream):
     """An open WebSocket connection read and written as a stream of bytes.
 
+    ``client`` is our side of it (a client masks what it sends and reads unmasked frames);
+    ``early`` are bytes the upgrade read beyond its own end, the first frames.
     ``closed_by`` says, once the connection ended, who ended it and why (for logs).
     One task may send while another receives, as with any trio stream.
     """
 
-    def __init__(self, transport: trio.abc.Stream, connection: wsproto.WSConnection) -> None:
+    def __init__(self, transport: trio.abc.Stream, *, client: bool, early: bytes = b"") -> None:
         self.transport = transport
-        self._ws = connection
-        self._ready: collections.deque[bytes] = collections.deque()
-        """Decoded payload not yet handed to the caller, as wsproto gave it (no copies)."""
-        self._message_size = 0
+        self.client = client
+        self._reader = frames.FrameReader(masked=not client, max_message=MAX_MESSAGE)
+        self._early = early
+        self._state = _State.OPEN
+        self._ready: collections.deque[bytes | bytearray] = collections.deque()
+        """Decoded payload not yet handed to the caller, as the reader gave it (no copies)."""
         self._ended: str | None = None
         """Set when no more payload will come: ``""`` for a clean end, else the reason."""
         self._control: list[bytes] = []
@@ -94,7 +90,7 @@ class WebSocketStream(trio.abc.Stream):
 
     # -- receiving ------------------------------------------------------------------------
 
-    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
         if self._ready:
             # Every call yields, as trio's streams promise: payload already decoded would
             # otherwise let one reader of tiny packets hold the whole relay for a long read.
@@ -113,58 +109,61 @@ class WebSocketStream(trio.abc.Stream):
         return chunk[:max_bytes]
 
     async def _decode_more(self) -> None:
-        try:
-            data = await self.transport.receive_some(RECEIVE_SIZE)
-        except trio.BrokenResourceError as error:
-            self._end(f"connection lost: {_why(error)}", "the connection broke")
+        if self._early:
+            data, self._early = self._early, b""
+        else:
+            try:
+                data = await self.transport.receive_some(RECEIVE_SIZE)
+            except trio.BrokenResourceError as error:
+                self._end(f"connection lost: {_why(error)}", "the connection broke")
+                self._state = _State.CLOSED
+                return
+        if not data:
+            # A TCP close without a Close frame (1006): how TCP peers end, and our peers end
+            # so too (their channel's end marker came before).
+            self._end("", "closed by the other side (no Close frame)")
+            self._state = _State.CLOSED
             return
         # Decode everything first, without waiting: if the caller is cancelled afterwards
         # (a room's waiting half is, when its partner comes), no decoded byte is lost.
-        self._ws.receive_data(data or None)  # None: the transport ended (close code 1006)
-        for event in self._ws.events():
-            if isinstance(event, BytesMessage):
-                self._message_size += len(event.data)
-                if self._message_size > MAX_MESSAGE:
-                    self._refuse(CloseReason.MESSAGE_TOO_BIG, f"message larger than {MAX_MESSAGE} bytes")
-                    break
-                if event.message_finished:
-                    self._message_size = 0
-                if event.data:
-                    self._ready.append(bytes(event.data))
-            elif isinstance(event, TextMessage):
-                self._refuse(CloseReason.UNSUPPORTED_DATA, "only binary messages are accepted")
-                break
-            elif isinstance(event, Ping):
-                self._control.append(self._ws.send(event.response()))
-            elif isinstance(event, CloseConnection):
-                self._closed_by_peer(event)
-                break
-            # Pongs (we never ping) and anything else carry nothing for the stream.
+        self._reader.feed(data)
+        try:
+            for event in self._reader.events():
+                if isinstance(event, frames.Payload):
+                    if event.data:
+                        self._ready.append(event.data)
+                elif isinstance(event, frames.Ping):
+                    self._control.append(frames.pong_frame(event.payload, self.client))
+                elif isinstance(event, frames.Close):
+                    self._closed_by_peer(event)
+                elif isinstance(event, frames.TextMessage):
+                    self._refuse(frames.UNSUPPORTED_DATA, "only binary messages are accepted")
+        except frames.FrameError as error:
+            self._refuse(error.code, error.reason)
         await self._send_control()
 
-    def _closed_by_peer(self, event: CloseConnection) -> None:
-        state = self._ws.state
-        if state is ConnectionState.OPEN:
-            # wsproto hands a malformed frame to us as a CloseConnection to send.
-            self._refuse(event.code, event.reason or "malformed frame")
-            return
-        if state is ConnectionState.REMOTE_CLOSING:
-            self._control.append(self._ws.send(event.response()))
-        code = int(event.code)
-        if code == CloseReason.ABNORMAL_CLOSURE:
-            self._end("", "closed by the other side (no Close frame)")
-        elif code in _CLEAN_CODES:
-            self._end("", f"closed by the other side ({code})")
+    def _closed_by_peer(self, event: frames.Close) -> None:
+        if self._state is _State.OPEN:
+            code = None if event.code == frames.NO_STATUS else event.code
+            self._control.append(frames.close_frame(code, event.reason, self.client))
+        self._state = _State.CLOSED
+        if event.code in _CLEAN_CODES:
+            self._end("", f"closed by the other side ({event.code})")
         else:
-            reason = f"{code} {event.reason}" if event.reason else str(code)
+            reason = f"{event.code} {event.reason}" if event.reason else str(event.code)
             self._end(f"the other side closed the WebSocket: {reason}",
                       f"closed by the other side: {reason}")
 
     def _refuse(self, code: int, reason: str) -> None:
         """End the connection because of what the other side sent, telling it why."""
-        self._end(f"WebSocket closed: {reason}", f"closed by us ({int(code)}): {reason}")
-        if self._ws.state is ConnectionState.OPEN:
-            self._control.append(self._ws.send(CloseConnection(code=code, reason=reason)))
+        self._end(f"WebSocket closed: {reason}", f"closed by us ({code}): {reason}")
+        self._say_close(code, reason)
+
+    def _say_close(self, code: int, reason: str) -> None:
+        """Queue our Close frame, unless one was sent or the connection ended."""
+        if self._state is _State.OPEN:
+            self._control.append(frames.close_frame(code, reason, self.client))
+            self._state = _State.CLOSING
 
     def _end(self, error: str, closed_by: str) -> None:
         if self._ended is None:
@@ -174,15 +173,15 @@ class WebSocketStream(trio.abc.Stream):
     # -- sending --------------------------------------------------------------------------
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        if self._ws.state is not ConnectionState.OPEN:
+        if self._state is not _State.OPEN:
             await trio.lowlevel.checkpoint()
             raise trio.BrokenResourceError(self._ended or "the WebSocket is closed")
         view = memoryview(data).cast("B")
         async with self._sending:
             for start in range(0, len(view), SEND_SIZE):
-                if self._ws.state is not ConnectionState.OPEN:  # closed meanwhile by the receiver
+                if self._state is not _State.OPEN:  # closed meanwhile by the receiver
                     raise trio.BrokenResourceError(self._ended or "the WebSocket is closed")
-                await self._transmit_pieces(binary_frame(view[start:start + SEND_SIZE], self._ws.client))
+                await self._transmit_pieces(frames.binary_frame(view[start:start + SEND_SIZE], self.client))
 
     async def wait_send_all_might_not_block(self) -> None:
         await self.transport.wait_send_all_might_not_block()
@@ -194,23 +193,18 @@ class WebSocketStream(trio.abc.Stream):
             return
         async with self._sending:
             try:
-                await self._transmit(b"")
+                await self._transmit_pieces([])
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 pass  # the end of the stream says the rest
 
-    async def _transmit(self, frame: bytes) -> None:
-        """Write queued control frames and ``frame``; the caller holds ``_sending``."""
-        if self._control:
-            frame = b"".join(self._control) + frame
-            self._control.clear()
-        if frame:
-            await self.transport.send_all(frame)
-
     async def _transmit_pieces(self, pieces: list[bytes | bytearray | memoryview]) -> None:
-        """Like ``_transmit``, with one gathered write over a plain socket (no join)."""
+        """Queued control frames, then ``pieces``: one gathered write over a plain socket
+        (no join); the caller holds ``_sending``."""
         if self._control:
             pieces = [*self._control, *pieces]
             self._control.clear()
+        if not pieces:
+            return
         sock = getattr(self.transport, "socket", None)
         if sock is None or not hasattr(sock, "sendmsg"):
             await self.transport.send_all(b"".join(pieces))
@@ -229,26 +223,28 @@ class WebSocketStream(trio.abc.Stream):
 
     # -- closing --------------------------------------------------------------------------
 
-    async def close_gracefully(self, code: int = CloseReason.NORMAL_CLOSURE, reason: str = "",
+    async def close_gracefully(self, code: int = NORMAL_CLOSURE, reason: str = "",
                                *, wait: float = CLOSE_WAIT) -> None:
         """Send a Close frame, read (and drop) until the other side answers or ``wait`` passes,
         then close the transport; so that nothing we sent is lost to a reset."""
         try:
             with trio.move_on_after(wait):
                 async with self._sending:  # also sends a queued answer to their Close
-                    frame = b""
-                    if self._ws.state is ConnectionState.OPEN:
-                        frame = self._ws.send(CloseConnection(code=code, reason=reason or None))
-                        self._end("the WebSocket is closed", f"closed by us ({int(code)}) {reason}".rstrip())
-                    await self._transmit(frame)
-                while self._ws.state is not ConnectionState.CLOSED:
+                    if self._state is _State.OPEN:
+                        self._end("the WebSocket is closed", f"closed by us ({code}) {reason}".rstrip())
+                        self._say_close(code, reason)
+                    await self._transmit_pieces([])
+                while self._state is not _State.CLOSED:
                     data = await self.transport.receive_some(RECEIVE_SIZE)
                     if not data:
                         break
-                    self._ws.receive_data(data)
-                    for _ in self._ws.events():
-                        pass
-        except (trio.BrokenResourceError, trio.ClosedResourceError, wsproto.utilities.LocalProtocolError):
+                    self._reader.feed(data)
+                    try:
+                        if any(isinstance(event, frames.Close) for event in self._reader.events()):
+                            self._state = _State.CLOSED
+                    except frames.FrameError:
+                        break
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         finally:
             await trio.aclose_forcefully(self.transport)
@@ -259,11 +255,10 @@ class WebSocketStream(trio.abc.Stream):
             if not self._sending.locked():  # never wait behind a send: this is a close
                 with trio.move_on_after(CLOSE_WAIT):
                     async with self._sending:
-                        frame = b""
-                        if self._ws.state is ConnectionState.OPEN:
-                            frame = self._ws.send(CloseConnection(code=CloseReason.NORMAL_CLOSURE))
+                        if self._state is _State.OPEN:
                             self._end("the WebSocket is closed", "closed by us (1000)")
-                        await self._transmit(frame)
+                            self._say_close(NORMAL_CLOSURE, "")
+                        await self._transmit_pieces([])
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         finally:
@@ -277,9 +272,10 @@ class UpgradeRequest:
     """A server-side connection whose upgrade request was read: accept or refuse it."""
 
     def __init__(self, transport: trio.abc.Stream, connection: wsproto.WSConnection,
-                 request: Request) -> None:
+                 request: Request, early: bytes) -> None:
         self.transport = transport
         self._ws = connection
+        self._early = early
         self.path = request.target.split("?", 1)[0]
         self.host = request.host
         self.headers: list[tuple[bytes, bytes]] = list(request.extra_headers)
@@ -291,7 +287,7 @@ class UpgradeRequest:
 
     async def accept(self) -> WebSocketStream:
         await self.transport.send_all(self._ws.send(AcceptConnection()))
-        return WebSocketStream(self.transport, self._ws)
+        return WebSocketStream(self.transport, client=False, early=self._early)
 
     async def refuse(self, status: int, reason: str) -> None:
         """Answer with an HTTP error whose body is ``reason``; the caller closes the transport."""
@@ -305,17 +301,19 @@ async def read_upgrade_request(transport: trio.abc.Stream) -> UpgradeRequest:
     wrong, then raises ``WebSocketError``. h11 caps the request head at 16 KiB.
     """
     connection = wsproto.WSConnection(wsproto.ConnectionType.SERVER)
+    head_end = _HeadEnd()
     while True:
         # Small reads: the HTTP parser refuses a head that grows past 16 KiB unfinished,
         # but would take a huge one that arrived whole in one large read.
         data = await transport.receive_some(UPGRADE_READ)
         if not data:
             raise WebSocketError("closed before sending an upgrade request")
+        head, early = head_end.split(data)
         try:
-            connection.receive_data(data)
+            connection.receive_data(head)
             for event in connection.events():
                 if isinstance(event, Request):
-                    return UpgradeRequest(transport, connection, event)
+                    return UpgradeRequest(transport, connection, event, early)
         except (wsproto.utilities.RemoteProtocolError, ValueError) as error:
             # ValueError: wsproto decodes some header values without checking them first
             # (a non-ASCII byte raises UnicodeDecodeError); that is a bad request too.
@@ -328,33 +326,6 @@ async def read_upgrade_request(transport: trio.abc.Stream) -> UpgradeRequest:
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 pass
             raise WebSocketError(reason) from None
-
-
-_IDENTITY = int.from_bytes(bytes(range(256)), "big")
-_XOR_TABLES = [(_IDENTITY ^ int.from_bytes(bytes([key]) * 256, "big")).to_bytes(256, "big")
-               for key in range(256)]
-"""For each key byte, the table that XORs a byte with it: masking by ``bytes.translate``.
-(Built with whole-table integer XORs: a loop per byte cost every relay start 45 ms.)"""
-
-
-def binary_frame(payload: memoryview, masked: bool) -> list[bytes | bytearray | memoryview]:
-    """One final binary frame (RFC 6455 §5.2) carrying ``payload``, as pieces to write in
-    order: the payload itself when unmasked (a server's frames), a masked copy when masked
-    (a client's frames must be, with a new random key each)."""
-    size = len(payload)
-    if size < 126:
-        header = struct.pack("!BB", 0x82, size | (0x80 if masked else 0))
-    elif size < 1 << 16:
-        header = struct.pack("!BBH", 0x82, 126 | (0x80 if masked else 0), size)
-    else:
-        header = struct.pack("!BBQ", 0x82, 127 | (0x80 if masked else 0), size)
-    if not masked:
-        return [header, payload]
-    key = os.urandom(4)
-    body = bytearray(payload)
-    for offset in range(4):
-        body[offset::4] = body[offset::4].translate(_XOR_TABLES[key[offset]])
-    return [header + key, body]
 
 
 def http_error(status: int, reason: str, *, upgrade: bool = False) -> bytes:
@@ -382,16 +353,25 @@ async def connect(transport: trio.abc.Stream, *, host: str, path: str) -> WebSoc
     await transport.send_all(connection.send(Request(host=host, target=path)))
     refused: int | None = None
     body = bytearray()
+    head_end = _HeadEnd()
     while True:
         data = await transport.receive_some(RECEIVE_SIZE)
         if not data and refused is None:
             raise WebSocketError("the server closed the connection instead of upgrading it "
                                  "(is this a WebSocket address?)")
+        head, early = head_end.split(data)
         try:
-            connection.receive_data(data or None)
-            for event in connection.events():
+            connection.receive_data(head or None)
+            if early:  # a refusal's body: HTTP too; a 101's frames are left for the stream
+                events = list(connection.events())
+                if not any(isinstance(event, AcceptConnection) for event in events):
+                    connection.receive_data(early)
+                    events += connection.events()
+            else:
+                events = connection.events()
+            for event in events:
                 if isinstance(event, AcceptConnection):
-                    return WebSocketStream(transport, connection)
+                    return WebSocketStream(transport, client=True, early=early)
                 if isinstance(event, RejectConnection):
                     refused = event.status_code
                     if not event.has_body:
@@ -404,6 +384,28 @@ async def connect(transport: trio.abc.Stream, *, host: str, path: str) -> WebSoc
             raise WebSocketError(f"not a WebSocket server: {error}") from None
         if not data:
             raise WebSocketError(_refusal(refused or 0, body))
+
+
+class _HeadEnd:
+    """Where an HTTP head ends in what was read: the HTTP parser gets the head, and the
+    bytes after it (the first frames, if the other side did not wait) stay ours to read."""
+
+    def __init__(self) -> None:
+        self._tail = b""
+        self._found = False
+
+    def split(self, data: bytes) -> tuple[bytes, bytes]:
+        """``data`` as (what belongs to the head, what comes after its end)."""
+        if self._found:
+            return data, b""
+        window = self._tail + data
+        at = window.find(b"\r\n\r\n")
+        if at < 0:
+            self._tail = window[-3:]
+            return data, b""
+        self._found = True
+        cut = at + 4 - len(self._tail)
+        return data[:cut], data[cut:]
 
 
 def _refusal(status: int, body: bytes | bytearray) -> str:
