@@ -20,6 +20,7 @@ from .address import DEFAULT_PORT, DEFAULT_SECURE_PORT, AddressError, RelayAddre
 from .channel import Channel
 from .console import Console
 from .destination import Destination, DestinationError, StreamDestination
+from .memory import keep_freed_memory
 from .meeting import HandshakeFailed, meet
 from .progress import Progress
 from .receiving import receive_offer
@@ -172,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         print("peer: --stdout writes no file: -o, --overwrite and --rename do not apply", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.ERROR, format="peer: %(message)s")
+    keep_freed_memory()
     console = Console(quiet=args.quiet, assume_yes=args.yes)
     run = _send if args.command == "send" else _recv
     try:
