@@ -45,6 +45,10 @@ def say(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
+STALE_WARNING = 1 << 30
+"""Bytes already used where the files go, above which the report warns."""
+
+
 def describe_machine(files_on: Path) -> list[str]:
     model = "unknown CPU"
     for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -53,12 +57,19 @@ def describe_machine(files_on: Path) -> list[str]:
             break
     memory = next((int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
                    if line.startswith("MemTotal:")), 0)
-    return [
+    lines = [
         f"machine: {model}, {os.cpu_count()} cores, {memory / 2**20:.1f} GiB RAM, "
         f"{platform.system()} {platform.release()} {platform.machine()}",
         f"Python {platform.python_version()}; files on {files_on}; "
         f"load average at start {os.getloadavg()[0]:.2f}",
     ]
+    used = shutil.disk_usage(files_on).used
+    if used > STALE_WARNING:
+        # Seen here: a report made with 5 GiB of old files on /dev/shm had our receiver at
+        # 4.6 CPU s/GiB; eight minutes later, with them removed, 1.6.
+        lines.append(f"WARNING: {used / 2**30:.1f} GiB already used on {files_on} before this run; "
+                     "writes there are slower, so are the transfers: clear it and run again")
+    return lines
 
 
 def versions(wormhole_venv: Path | None) -> str:
