@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import os
+import re
 import time
 
 import pytest
@@ -23,6 +26,7 @@ from processes import finish, peer
 from transport_helpers import LIMIT, exchange, running, start_relay, tcp_address, ws_address
 
 CODE = "123-cobalt-lemon-unicycle"
+WEBSOCKET_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455 §1.3
 
 
 # -- the adapter, without a network ---------------------------------------------------------
@@ -122,6 +126,36 @@ async def test_every_read_yields_even_when_payload_is_waiting():
         while len(received) < 50_000:
             with trio.testing.assert_checkpoints():
                 received += await server.receive_some(1000)
+
+
+async def test_frames_sent_right_behind_the_upgrade_are_not_lost():
+    """Bytes after an HTTP head in the same read are the first frames, on either side."""
+    with trio.fail_after(LIMIT):
+        client_side, server_side = trio.testing.memory_stream_pair()
+        key = b"dGhlIHNhbXBsZSBub25jZQ=="
+        request = (b"GET /room HTTP/1.1\r\nHost: relay\r\n" + UPGRADE_HEADERS.replace(
+            b"dGhlIHNhbXBsZSBub25jZQ==", key) + b"\r\n")
+        early = b"".join(bytes(piece) for piece in binary_frame(memoryview(b"ticket\n"), True))
+        await client_side.send_all(request + early)  # an eager client: no wait for the 101
+        upgrade = await read_upgrade_request(server_side)
+        server = await upgrade.accept()
+        assert await server.receive_some() == b"ticket\n"
+        # The other way: the 101 and a frame in one read, to our client.
+        client_side, server_side = trio.testing.memory_stream_pair()
+        async with trio.open_nursery() as nursery:
+            async def serve() -> None:
+                head = b""
+                while b"\r\n\r\n" not in head:
+                    head += await server_side.receive_some()
+                key = re.search(rb"Sec-WebSocket-Key: (\S+)", head, re.IGNORECASE)[1]
+                accept = base64.b64encode(hashlib.sha1(key + WEBSOCKET_GUID).digest())
+                frame = b"".join(bytes(piece) for piece in binary_frame(memoryview(b"00"), False))
+                await server_side.send_all(
+                    b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                    b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept + b"\r\n\r\n" + frame)
+            nursery.start_soon(serve)
+            client = await connect(client_side, host="relay", path="/room")
+        assert await client.receive_some() == b"00"
 
 
 async def read_exactly(stream: trio.abc.Stream, size: int) -> bytes:
