@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
 """Long fuzzing runs of the decoders that read bytes from strangers.
 
-    python bench/fuzz.py [--target all|wire|records|message|receiver] [--seconds 60]
+    python bench/fuzz.py [--target all|wire|frames|records|message|receiver|zstd] [--seconds 60]
                          [--engine mutate|atheris] [--seed N] [--crashes DIR]
 
 Targets (the properties are in tests/fuzz_targets.py, shared with tests/test_fuzz.py):
   wire      relay.wire.Parser on any stream, cut anywhere
+  frames    relay.frames.FrameReader (WebSocket frames after the upgrade), cut anywhere
   records   peer.records.Opener on sealed records with bits flipped or the stream cut
   message   peer.transfer.decode_message on one record plaintext
   receiver  peer.transfer.ReceiverSession driven through a whole (mutated) transfer

@@ -48,6 +48,9 @@ MESSAGE_TOO_BIG = 1009
 NO_STATUS = 1005
 """A Close frame without a code: never sent, it only names that case."""
 
+LONGEST_PARTIAL = 14 + _CONTROL_MAX
+"""A masked header with a 64-bit length, and the payload of a control frame, whole."""
+
 _SENDABLE_CODES = frozenset(range(1000, 1004)) | frozenset(range(1007, 1015))
 """Codes a Close frame may carry below 3000 (1004-1006 and 1015 are reserved)."""
 
@@ -152,6 +155,11 @@ class FrameReader:
             self._buffer = self._buffer[self._start:] + data
             self._start = 0
 
+    def pending(self) -> int:
+        """Bytes fed but not yet given out: at most a frame header and a control frame's
+        payload (``LONGEST_PARTIAL``) once the events are drained, however much was fed."""
+        return len(self._buffer) - self._start
+
     def events(self) -> Iterator[Event]:
         """Every event the fed bytes make; stops when more bytes are needed."""
         if self._failure is not None:
@@ -238,7 +246,7 @@ class FrameReader:
             return self._control(frame.opcode, bytes(payload))
         if frame.opcode == TEXT or self._message == TEXT:
             # Refused on sight: nothing of it is read (the caller closes the connection).
-            self._closed = True
+            self._finish()
             return TextMessage()
         if frame.remaining and not available:
             return _WAIT
@@ -267,12 +275,17 @@ class FrameReader:
             self._buffer, self._start = b"", 0
         return data
 
+    def _finish(self) -> None:
+        """Nothing after this point is read: drop what was fed beyond it."""
+        self._closed = True
+        self._buffer, self._start = b"", 0
+
     def _control(self, opcode: int, payload: bytes) -> Event | None:
         if opcode == PING:
             return Ping(payload)
         if opcode == PONG:
             return None  # we never ping: it answers nothing of ours
-        self._closed = True
+        self._finish()
         if not payload:
             return Close(NO_STATUS, "")
         if len(payload) == 1:

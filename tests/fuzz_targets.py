@@ -24,6 +24,11 @@ The properties, per decoder:
   offered, the same through the decompression path.
 - ``peer.compression.inflate_frame`` (a hostile sender's zstd frames): only CompressionError,
   and never more bytes out than the frame may declare (a decompression bomb is refused).
+- ``relay.frames.FrameReader`` (WebSocket frames from a stranger, after the upgrade): only
+  FrameError, with a Close code a Close frame may carry; the same messages, control frames
+  and verdict however the stream is split; never more than one frame header and a control
+  frame's payload held once drained; a failed reader stays failed; a message never larger
+  than the cap.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ import blake3
 
 from peer import transfer
 from peer.records import CLOSE, CLOSED, MAX_RECORD_SIZE, Opener, RecordError, Sealer
-from relay import wire
+from relay import frames, wire
 
 try:  # zstd frames inside the data phase (feature "zstd"), when this build has them
     from peer import compression
@@ -518,11 +523,77 @@ def zstd_seeds() -> list[bytes]:
     return [b"\xff\xff" + frame for frame in map(compression.compress_block, blocks) if frame]
 
 
+# --- relay.frames.FrameReader ---------------------------------------------------------------
+
+FRAME_CAP = 4096
+"""A small message cap, so that the size rule is reached by short inputs."""
+
+
+def _read_frames(stream: bytes, cuts: Sequence[int], masked: bool) -> tuple[list, int | None, frames.FrameReader]:
+    """Every event (a message's payload joined into one) and the Close code of a failure."""
+    reader = frames.FrameReader(masked=masked, max_message=FRAME_CAP)
+    events: list = []
+    message = bytearray()
+    for piece in split_at(stream, cuts):
+        reader.feed(piece)
+        try:
+            for event in reader.events():
+                if isinstance(event, frames.Payload):
+                    message += event.data
+                    assert len(message) <= FRAME_CAP, "a message grew past the cap"
+                    if event.last:
+                        events.append(("message", bytes(message)))
+                        message.clear()
+                else:
+                    events.append(event)
+        except frames.FrameError as error:
+            assert error.code in (frames.PROTOCOL_ERROR, frames.INVALID_DATA, frames.MESSAGE_TOO_BIG)
+            assert error.reason and "\n" not in error.reason
+            return events, error.code, reader
+        assert reader.pending() <= frames.LONGEST_PARTIAL, reader.pending()
+    return events, None, reader
+
+
+def check_frame_stream(stream: bytes, cuts: Sequence[int], masked: bool) -> None:
+    """The frame reader on ``stream``, whole and cut at ``cuts``: see the module docstring."""
+    whole_events, whole_failure, _ = _read_frames(stream, [], masked)
+    events, failure, reader = _read_frames(stream, cuts, masked)
+    assert failure == whole_failure, (failure, whole_failure)
+    assert events == whole_events, "a split changed the frames"
+    if failure is not None:
+        reader.feed(b"\x82\x00")
+        try:
+            list(reader.events())
+        except frames.FrameError:
+            return
+        raise AssertionError("a failed frame reader accepted more input")
+
+
+def frames_input(data: bytes) -> None:
+    """Byte-level adapter: first byte = masked (bit 7) and how many cut positions follow."""
+    if not data:
+        return
+    count = data[0] % 16
+    cuts = cuts_from(data[1 : 1 + count], len(data))
+    check_frame_stream(data[1 + count :], cuts, masked=bool(data[0] & 0x80))
+
+
+def frame_seeds() -> list[bytes]:
+    seeds = []
+    for masked in (False, True):
+        stream = b"".join(bytes(p) for p in frames.binary_frame(memoryview(b"hello relay"), masked))
+        stream += b"".join(bytes(p) for p in frames.binary_frame(memoryview(bytes(300)), masked))
+        stream += frames.pong_frame(b"pong", masked) + frames.close_frame(1000, "bye", masked)
+        seeds.append(bytes([0x82 if masked else 0x02]) + b"\x03\x20" + stream)
+    return seeds
+
+
 TARGETS = {
     "wire": (wire_input, wire_seeds),
     "records": (records_input, records_seeds),
     "message": (message_input, message_seeds),
     "receiver": (receiver_input, receiver_seeds),
+    "frames": (frames_input, frame_seeds),
     **({"zstd": (zstd_input, zstd_seeds)} if CAN_COMPRESS else {}),
 }
 """Name -> (one_input(data), seeds()) for bench/fuzz.py."""

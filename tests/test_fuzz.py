@@ -1,5 +1,5 @@
-"""Fuzzing the decoders that read bytes from strangers: the relay's wire parser, the record
-layer's Opener, our data-phase codec and the receiver's session.
+"""Fuzzing the decoders that read bytes from strangers: the relay's wire parser and WebSocket
+frame reader, the record layer's Opener, our data-phase codec and the receiver's session.
 
 The properties live in ``fuzz_targets`` (shared with ``bench/fuzz.py``). Inputs here are
 structure-aware: valid streams built from random fields, then mutated (bits flipped, bytes
@@ -232,6 +232,53 @@ def test_inflate_refuses_a_bomb():
     targets.check_inflate(frame, 1000)
     with pytest.raises(targets.compression.CompressionError):
         targets.compression.inflate_frame(frame, 1000)
+
+
+# --- relay.frames.FrameReader ----------------------------------------------------------------
+
+frame_items = st.lists(
+    st.one_of(
+        st.tuples(st.just("data"), st.lists(st.binary(max_size=3000), min_size=1, max_size=3)),
+        st.tuples(st.sampled_from(["ping", "pong"]), st.binary(max_size=125)),
+        st.tuples(st.just("text"), st.text(max_size=20)),
+        st.tuples(st.just("close"), st.sampled_from([1000, 1001, 1008, 3000, 4999])),
+    ),
+    max_size=6,
+)
+
+
+def wsproto_stream(items, client: bool) -> bytes:
+    """Frames written by wsproto (an independent writer) for ``items``."""
+    from wsproto.frame_protocol import FrameProtocol
+
+    writer = FrameProtocol(client=client, extensions=[])
+    stream = b""
+    for kind, value in items:
+        if kind == "data":
+            for index, piece in enumerate(value):
+                stream += writer.send_data(piece, fin=index == len(value) - 1)
+        elif kind == "ping":
+            stream += writer.ping(value)
+        elif kind == "pong":
+            stream += writer.pong(value)
+        elif kind == "text":
+            stream += writer.send_data(value, fin=True)
+        else:
+            stream += writer.close(value, "bye")
+            writer = FrameProtocol(client=client, extensions=[])  # wsproto writes one Close
+    return stream
+
+
+@examples(150)
+@given(frame_items, st.booleans(), mutations, cuts)
+def test_frame_reader_on_mutated_streams(items, masked, edits, cuts):
+    targets.check_frame_stream(apply(wsproto_stream(items, masked), edits), cuts, masked)
+
+
+@examples(150)
+@given(st.binary(max_size=3000), st.booleans(), cuts)
+def test_frame_reader_on_random_bytes(stream, masked, cuts):
+    targets.check_frame_stream(stream, cuts, masked)
 
 
 # --- the byte-level adapters that bench/fuzz.py and atheris drive --------------------------
