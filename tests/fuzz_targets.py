@@ -157,13 +157,17 @@ def check_wire_stream(stream: bytes, cuts: Sequence[int]) -> None:
             raise AssertionError("a failed parser accepted more input")
 
 
-def wire_input(data: bytes) -> None:
-    """Byte-level adapter: first byte = how many of the next bytes are cut positions."""
-    if not data:
-        return
+def stream_and_cuts(data: bytes) -> tuple[bytes, list[int]]:
+    """The stream adapters' layout: the first byte's low four bits say how many of the next
+    bytes are cut positions; the stream follows them."""
     count = data[0] % 16
-    cuts = cuts_from(data[1 : 1 + count], len(data))
-    check_wire_stream(data[1 + count :], cuts)
+    return data[1 + count :], cuts_from(data[1 : 1 + count], len(data))
+
+
+def wire_input(data: bytes) -> None:
+    """Byte-level adapter: see ``stream_and_cuts``."""
+    if data:
+        check_wire_stream(*stream_and_cuts(data))
 
 
 def wire_seeds() -> list[bytes]:
@@ -570,12 +574,9 @@ def check_frame_stream(stream: bytes, cuts: Sequence[int], masked: bool) -> None
 
 
 def frames_input(data: bytes) -> None:
-    """Byte-level adapter: first byte = masked (bit 7) and how many cut positions follow."""
-    if not data:
-        return
-    count = data[0] % 16
-    cuts = cuts_from(data[1 : 1 + count], len(data))
-    check_frame_stream(data[1 + count :], cuts, masked=bool(data[0] & 0x80))
+    """Byte-level adapter: ``stream_and_cuts``, and the first byte's top bit says masked."""
+    if data:
+        check_frame_stream(*stream_and_cuts(data), masked=bool(data[0] & 0x80))
 
 
 def frame_seeds() -> list[bytes]:
