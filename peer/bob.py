@@ -1,4 +1,4 @@
-"""Talking to bob's peers on a live channel: receive and send its PACK payload (PROTOCOL.md §7).
+"""Talking to bob's peers on a live channel: receive and send its PACK payload (docs/protocol.md §8).
 
 How each side knows the other is bob (also in docs/transfer.md):
 - a receiver sees it in the handshake: bob's sender advertises cipher1 = 2 (ChaCha20), which

@@ -3,7 +3,7 @@
 A code is a nameplate number and a few words drawn with the OS CSPRNG from the EFF large
 wordlist, joined with dashes, e.g. ``417-cobalt-lemon-unicycle``. Only ``a-z``, digits and
 ``-`` appear, so a code survives being spoken, retyped, and pasted into a shell unquoted. On
-the wire the whole code is simply the password fed to PBKDF2 (PROTOCOL.md §4.2).
+the wire the whole code is simply the password fed to PBKDF2 (docs/protocol.md §5.2).
 
 The nameplate is public: the sender writes it into its spoke salt so that our receivers only
 run handshakes with the sender they are looking for (see ``peer.handshake.nameplate_of``). The

@@ -1,4 +1,4 @@
-"""The handshake of both peer roles as sans-I/O state machines (PROTOCOL.md §2–§4).
+"""The handshake of both peer roles as sans-I/O state machines (docs/protocol.md §3–§5).
 
 A driver owns the relay connection: it decodes the relay's stream with ``relay.wire.Parser``,
 hands each frame to ``receive(frame, now)`` and writes the frame of every ``SendFrame`` event

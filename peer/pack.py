@@ -1,9 +1,9 @@
-"""bob's payload: a Git PACK v2 stream inside the records (PROTOCOL.md §7), sans I/O.
+"""bob's payload: a Git PACK v2 stream inside the records (docs/protocol.md §8), sans I/O.
 
 When the other peer is bob, the records carry a Git pack instead of our own messages
 (peer/transfer.py). `PackReader` turns record plaintexts into events; the encoders
 turn a file or a directory into record plaintexts cut the way bob's receiver needs
-(bob-behaviour.md §5.4). Nothing here touches a socket; the only disk access is
+(docs/protocol.md §8.2). Nothing here touches a socket; the only disk access is
 the reader's private spool (directories) and the encoders reading the files they send.
 
 Pack layout: ``PACK``, u32 version 2, u32 object count, the objects, then the SHA-1 of
@@ -1102,7 +1102,7 @@ def single_file_records(
 ) -> Iterator[bytes]:
     """The record plaintexts that send one file to bob, cut as its receiver needs them.
 
-    bob's single-file receiver depends on record boundaries (bob-behaviour.md §5.4):
+    bob's single-file receiver depends on record boundaries (docs/protocol.md §8.2):
     the pack header, the name object's header, the name's zlib data and the blob header
     each get their own record, the content follows in zlib chunks, and the SHA-1
     trailer comes alone in the last record; no record is empty. `chunks` (the file's

@@ -1,4 +1,4 @@
-"""The encrypted record layer of the secure room (PROTOCOL.md §6), sans I/O.
+"""The encrypted record layer of the secure room (docs/protocol.md §7), sans I/O.
 
 A `Sealer` turns plaintext into records for one direction; an `Opener` is fed the raw
 bytes of the other direction in whatever pieces the transport delivers and hands back

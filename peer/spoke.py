@@ -6,7 +6,7 @@ validator, the receiver replies with its own validator.  Both ends then hold the
 two 64-byte sub-keys for the record layer (``peer.records``).
 
 Every step is a pure function over small immutable states, so the handshake driver
-owns all I/O and timing.  The byte layout follows PROTOCOL.md §4 exactly; the
+owns all I/O and timing.  The byte layout follows docs/protocol.md §5 exactly; the
 comments mark the places where spoke departs from the textbook algorithms, because
 those are the places where a "fix" would silently break interop with bob.
 """

@@ -1,4 +1,4 @@
-"""The handshake-port relay as a pure state machine (PROTOCOL.md §3).
+"""The handshake-port relay as a pure state machine (docs/protocol.md §4).
 
 The driver owns sockets and timers; it tells a ``Relay`` what happened on a connection
 (``connect``, ``receive``, ``disconnect``, ``expire``, ``shutdown``) and performs the outputs it
@@ -35,7 +35,7 @@ from relay.uids import UidPool
 log = logging.getLogger("relay.core")
 
 MIN_IDENTITY = 5
-"""bob's parser looks for the NUL only once 6 bytes follow the fixed part (PROTOCOL.md §2)."""
+"""bob's parser looks for the NUL only once 6 bytes follow the fixed part (docs/protocol.md §3.1)."""
 
 MAX_REANNOUNCEMENTS = 4
 """A sender may make the relay announce it to receivers again this often (see _hello_again)."""

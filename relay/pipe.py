@@ -1,4 +1,4 @@
-"""The secure room's blind two-way pipe (PROTOCOL.md §5.4): same bytes out as in, then a marker.
+"""The secure room's blind two-way pipe (docs/protocol.md §6): same bytes out as in, then a marker.
 
 Moving the payload is the relay's main cost, so on Linux the bytes never enter Python: each
 direction splices socket -> kernel pipe -> socket (``os.splice``) and Python only decides

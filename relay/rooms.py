@@ -1,4 +1,4 @@
-"""Secure-room pairing (PROTOCOL.md §5): which two secure-port connections belong together.
+"""Secure-room pairing (docs/protocol.md §6): which two secure-port connections belong together.
 
 When a receiver accepts a sender, the relay books the pair of their handshake identities.
 Each then opens a secure-port connection and sends its *partner's* identity as a ticket:

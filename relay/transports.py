@@ -78,7 +78,7 @@ class Endpoint:
     """The protocol's bytes: a ``trio.SocketStream``, a ``trio.SSLStream`` over one, or a
     ``WebSocketStream`` over either."""
     identity: bytes
-    """``ip:port`` as the handshake announces it (PROTOCOL.md §2)."""
+    """``ip:port`` as the handshake announces it (docs/protocol.md §3.3)."""
     transport: str
     """``tcp``, ``tls``, ``ws`` or ``wss``: for logs."""
     socket: trio.socket.SocketType

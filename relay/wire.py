@@ -1,6 +1,6 @@
 """The handshake-port packet codec: the one place where every packet type is encoded and decoded.
 
-Both the relay and the peers use it. The framing is bob's (PROTOCOL.md §2): a 6-character
+Both the relay and the peers use it. The framing is bob's (docs/protocol.md §3): a 6-character
 ASCII header ``UUUU TT`` followed by a body that is either fixed-size or ends at the first NUL.
 There is no length prefix, so the parser must know each type's layout to find where the next
 packet starts; a byte stream that does not fit is an error for the whole connection.

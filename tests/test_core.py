@@ -1,4 +1,4 @@
-"""The handshake relay core: exact bytes for every rule of PROTOCOL.md §3, and invariants
+"""The handshake relay core: exact bytes for every rule of docs/protocol.md §4, and invariants
 under any sequence of events (no packet to a peer of the sender's role, no shared UID, nothing
 sent after a close)."""
 
@@ -20,7 +20,7 @@ from relay.core import Close, Relay, Role, Send
 from relay.rooms import Paired, RoomBook, Waiting
 from relay.uids import UidPool
 
-# PROTOCOL.md §4.5 test vectors, so the forwarded bytes are the real ones.
+# docs/protocol.md §5.6 test vectors, so the forwarded bytes are the real ones.
 PUBLIC = bytes.fromhex("00010002000000000000001000000002000400112233445566778899aabbccddeeff")
 X = bytes.fromhex("4aaa9357f1a79873e42981cd9341e42bc7acea41256c8dcabc2fc6a7c4a4e3b8")
 Y = bytes.fromhex("c33a576fbb195e6dcd2a26a5db40986541b1b596776898f9c3bd9188556d0841")
@@ -245,7 +245,7 @@ def handshake_to_agreement(h: Harness, client, server):
 
 
 def test_bob_wire_example_byte_for_byte():
-    """bob-behaviour.md §2.4: sender 127.0.0.1:40001 gets UID 0001, receiver 40000 UID 0002."""
+    """docs/protocol.md §3.4: sender 127.0.0.1:40001 gets UID 0001, receiver 40000 UID 0002."""
     relay = Relay()
     assert relay.connect("S", SERVER_ID) == []
     assert relay.receive("S", b"000000" + PUBLIC) == [Send("S", b"000002127.0.0.1:40001\0")]

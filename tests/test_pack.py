@@ -406,7 +406,7 @@ def test_directory_pack_notices_a_file_changed_after_hashing(tmp_path):
 
 
 def check_bob_chunking(records: list[bytes], name: bytes, size: int) -> None:
-    """bob-behaviour.md §5.1/§5.4: each header alone, the trailer alone and last."""
+    """docs/protocol.md §8.2: each header alone, the trailer alone and last."""
     assert all(1 <= len(r) <= MAX_RECORD_SIZE for r in records)
     assert records[0] == b"PACK" + struct.pack(">II", 2, 2)
     assert records[1] == header(TAG, len(name))

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from peer import records
 from peer.records import CLOSE, CLOSED, MAX_BIG_RECORD_SIZE, MAX_RECORD_SIZE, Opener, RecordError, Sealer
 
-# PROTOCOL.md §4.5.
+# docs/protocol.md §5.6.
 SUB0 = bytes.fromhex(
     "df28d5a303f7f126d9d1ac578e67187b3cd086252a162b4b366d2451b3d3f694"
     "d039e495a1916e639d1642e0d8d044ac181e217fccd5f834db8cd14b9087a087"

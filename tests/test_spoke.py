@@ -1,4 +1,4 @@
-"""spoke's exchange: PROTOCOL.md §4.5 vectors, full exchanges and every failure code."""
+"""spoke's exchange: docs/protocol.md §5.6 vectors, full exchanges and every failure code."""
 
 import hashlib
 
@@ -8,7 +8,7 @@ import pytest
 
 from peer import spoke
 
-# --- PROTOCOL.md §4.5 --------------------------------------------------------------------
+# --- docs/protocol.md §5.6 --------------------------------------------------------------------
 PASSWORD = b"revolucion-para-siempre"
 SALT = bytes.fromhex("00112233445566778899aabbccddeeff")
 ITERATIONS = 16
@@ -93,7 +93,7 @@ def vector_exchange() -> Exchange:
 
 
 def test_vector_scalars_are_sha256_of_x_and_y_masked():
-    # How the vector scalars were made (bob-behaviour §9.7); guards the constants above.
+    # How the vector scalars were made (docs/protocol.md §5.6); guards the constants above.
     assert spoke._mask_scalar(hashlib.sha256(b"x").digest()) == X_SCALAR
     assert spoke._mask_scalar(hashlib.sha256(b"y").digest()) == Y_SCALAR
 

@@ -51,7 +51,7 @@ def test_round_trip(packet):
 
 
 def test_exact_bytes_of_bob_wire_example():
-    # bob-behaviour.md §2.4: the relay announcing server 0001 to client 0002.
+    # docs/protocol.md §3.4: the relay announcing server 0001 to client 0002.
     assert wire.encode(0, wire.NewServer(1, PUBLIC, IDENT)) == (
         b"000004" + b"0001" + PUBLIC + IDENT + b"\0"
     )
