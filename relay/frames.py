@@ -44,6 +44,7 @@ _MASKED = 0x80
 PROTOCOL_ERROR = 1002
 UNSUPPORTED_DATA = 1003
 INVALID_DATA = 1007
+POLICY_VIOLATION = 1008
 MESSAGE_TOO_BIG = 1009
 NO_STATUS = 1005
 """A Close frame without a code: never sent, it only names that case."""
@@ -145,6 +146,11 @@ class FrameReader:
         self._message_size = 0
         self._closed = False
         self._failure: FrameError | None = None
+        self.empty_frames = 0
+        """Frames read that carried no data: control frames, and data frames of no payload.
+        They cost the reader as much as any frame but move nothing, so a flood of them is
+        counted (``empty_bytes`` their size on the wire) for the caller's limits."""
+        self.empty_bytes = 0
 
     def feed(self, data: bytes | bytearray) -> None:
         if self._closed or not data:
@@ -229,6 +235,9 @@ class FrameReader:
             self._message_size += size
             if self._message_size > self._max_message:
                 raise FrameError(MESSAGE_TOO_BIG, f"message larger than {self._max_message} bytes")
+        if opcode >= CLOSE or not size:
+            self.empty_frames += 1
+            self.empty_bytes += at + size
         key = bytes(buffer[start + key_at:start + at]) if second & _MASKED else None
         self._start = start + at
         return _Frame(opcode, fin, key, size)

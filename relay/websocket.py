@@ -17,7 +17,12 @@ Memory stays bounded whatever the other side sends: one transport read at a time
 decoded (frames are decoded as they arrive, not assembled), and nothing more is read until
 the caller took those bytes. What is not allowed ends the connection with a Close frame
 whose code and reason say why: a text message (1003), a message over ``MAX_MESSAGE`` (1009),
-a malformed frame (1002, or 1007 for a Close reason that is not UTF-8).
+a malformed frame (1002, or 1007 for a Close reason that is not UTF-8), frames that carry
+no data (pings, pongs, empty messages) faster than ``EMPTY_FRAME_RATE`` (1008).
+
+Answers are never queued per frame: a connection holds at most one pending pong (a later
+ping replaces it, as RFC 6455 §5.5.3 allows) and one Close frame. Otherwise a peer that
+stops reading, so that our send to it blocks, could make us store one pong per ping.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import wsproto.utilities
 from wsproto.events import AcceptConnection, RejectConnection, RejectData, Request
 
 from . import frames
+from .limits import TokenBucket
 
 MAX_MESSAGE = 1 << 20
 """The largest message accepted. Ours are at most ``SEND_SIZE``; it bounds what a peer can
@@ -46,6 +52,11 @@ MAX_REJECT_BODY = 1024
 """How much of a refusal's HTTP body a client reads, to quote it."""
 CLOSE_WAIT = 2.0
 """Seconds ``aclose`` waits for the other side to answer our Close frame."""
+EMPTY_FRAME_BURST = 64
+"""Frames without data (pings, pongs, empty data frames) a peer may send at once."""
+EMPTY_FRAME_RATE = 8.0
+"""Such frames a peer may send per second, sustained; beyond, the connection is closed.
+Each costs a decode and a ping a pong, and none moves a byte: nobody honest needs more."""
 
 NORMAL_CLOSURE = 1000
 _CLEAN_CODES = frozenset({NORMAL_CLOSURE, 1001, frames.NO_STATUS})
@@ -83,10 +94,21 @@ class WebSocketStream(trio.abc.Stream):
         """Decoded payload not yet handed to the caller, as the reader gave it (no copies)."""
         self._ended: str | None = None
         """Set when no more payload will come: ``""`` for a clean end, else the reason."""
-        self._control: list[bytes] = []
-        """Frames to answer (pong, close) queued while a send held the transport."""
+        self._pong: bytes | None = None
+        """The payload of the last ping not answered yet (a send held the transport)."""
+        self._close: bytes | None = None
+        """Our Close frame, until it is written."""
+        self._empty: TokenBucket | None = None
+        """What the peer may still send of frames without data (made on the first one)."""
+        self._empty_seen = 0
         self._sending = trio.StrictFIFOLock()
         self.closed_by: str | None = None
+
+    @property
+    def empty_bytes(self) -> int:
+        """Wire bytes of the frames received that carried no data (control frames among
+        them): a room's rate limit counts them with the data (``relay.transports``)."""
+        return self._reader.empty_bytes
 
     # -- receiving ------------------------------------------------------------------------
 
@@ -133,19 +155,34 @@ class WebSocketStream(trio.abc.Stream):
                     if event.data:
                         self._ready.append(event.data)
                 elif isinstance(event, frames.Ping):
-                    self._control.append(frames.pong_frame(event.payload, self.client))
+                    if self._state is _State.OPEN:
+                        self._pong = event.payload
                 elif isinstance(event, frames.Close):
                     self._closed_by_peer(event)
                 elif isinstance(event, frames.TextMessage):
                     self._refuse(frames.UNSUPPORTED_DATA, "only binary messages are accepted")
         except frames.FrameError as error:
             self._refuse(error.code, error.reason)
+        self._count_empty_frames()
         await self._send_control()
+
+    def _count_empty_frames(self) -> None:
+        """Close a connection that sends frames without data faster than it may."""
+        seen = self._reader.empty_frames
+        new, self._empty_seen = seen - self._empty_seen, seen
+        if not new:
+            return
+        now = trio.current_time()
+        if self._empty is None:
+            self._empty = TokenBucket.full(EMPTY_FRAME_RATE, EMPTY_FRAME_BURST, now)
+        if not self._empty.take(now, new) and self._state is _State.OPEN:
+            self._refuse(frames.POLICY_VIOLATION,
+                         f"too many control or empty frames (over {EMPTY_FRAME_RATE:g} a second)")
 
     def _closed_by_peer(self, event: frames.Close) -> None:
         if self._state is _State.OPEN:
             code = None if event.code == frames.NO_STATUS else event.code
-            self._control.append(frames.close_frame(code, event.reason, self.client))
+            self._close = frames.close_frame(code, event.reason, self.client)
         self._state = _State.CLOSED
         if event.code in _CLEAN_CODES:
             self._end("", f"closed by the other side ({event.code})")
@@ -162,7 +199,7 @@ class WebSocketStream(trio.abc.Stream):
     def _say_close(self, code: int, reason: str) -> None:
         """Queue our Close frame, unless one was sent or the connection ended."""
         if self._state is _State.OPEN:
-            self._control.append(frames.close_frame(code, reason, self.client))
+            self._close = frames.close_frame(code, reason, self.client)
             self._state = _State.CLOSING
 
     def _end(self, error: str, closed_by: str) -> None:
@@ -182,14 +219,29 @@ class WebSocketStream(trio.abc.Stream):
                 if self._state is not _State.OPEN:  # closed meanwhile by the receiver
                     raise trio.BrokenResourceError(self._ended or "the WebSocket is closed")
                 await self._transmit_pieces(frames.binary_frame(view[start:start + SEND_SIZE], self.client))
+            if self._pong is not None or self._close is not None:
+                await self._transmit_pieces([])  # what a ping or a refusal left while we sent
 
     async def wait_send_all_might_not_block(self) -> None:
         await self.transport.wait_send_all_might_not_block()
 
+    def _take_control(self) -> list[bytes]:
+        """The pending pong and Close frames, to write now (a pong never follows a Close)."""
+        pending = []
+        if self._pong is not None:
+            if self._close is None and self._state is _State.OPEN:
+                pending.append(frames.pong_frame(self._pong, self.client))
+            self._pong = None
+        if self._close is not None:
+            pending.append(self._close)
+            self._close = None
+        return pending
+
     async def _send_control(self) -> None:
-        """Send queued control frames (pong, close) now, unless a running send_all holds the
-        transport: it sends them before its next frame, so a receive never waits for a send."""
-        if not self._control or self._sending.locked():
+        """Send the pending pong or Close now, unless a running send_all holds the
+        transport: it sends them before its next frame, so a receive never waits for a send.
+        (Meanwhile a later ping replaces the pending pong: nothing piles up.)"""
+        if (self._pong is None and self._close is None) or self._sending.locked():
             return
         async with self._sending:
             try:
@@ -198,11 +250,11 @@ class WebSocketStream(trio.abc.Stream):
                 pass  # the end of the stream says the rest
 
     async def _transmit_pieces(self, pieces: list[bytes | bytearray | memoryview]) -> None:
-        """Queued control frames, then ``pieces``: one gathered write over a plain socket
+        """Pending control frames, then ``pieces``: one gathered write over a plain socket
         (no join); the caller holds ``_sending``."""
-        if self._control:
-            pieces = [*self._control, *pieces]
-            self._control.clear()
+        control = self._take_control()
+        if control:
+            pieces = [*control, *pieces]
         if not pieces:
             return
         sock = getattr(self.transport, "socket", None)
