@@ -9,7 +9,9 @@ reader slows its writer down through TCP instead of growing a buffer here.
 When either side ends (EOF or an error) both directions stop reading, deliver what they
 already hold, write the close marker ``ff ff ff ff`` to their destination (as bob's relay
 does; the record layer reads it as "close"), and both sockets are closed, gently (see
-``LINGER``). A running pipe has no idle timeout, like bob's.
+``LINGER``). A running pipe has no idle timeout, like bob's; but a side that takes nothing
+of what is waiting for it for ``STALL_TIMEOUT`` ends the room (it does not read, and
+holding its partner and both buffers for it would be an easy way to pin the relay).
 """
 
 from __future__ import annotations
@@ -46,6 +48,12 @@ Closing a socket with unread input makes the kernel send a reset, and a reset ca
 the marker in the peer's receive queue before it reads it; so the relay says FIN after the
 marker and reads until the peer's EOF, for a short bounded while (a "lingering close").
 """
+STALL_TIMEOUT = 120.0
+"""Seconds a side may take nothing of the bytes waiting for it before the room is ended.
+Generous: a receiver busy with its disk or a user at a prompt reads again long before."""
+
+STALLED = "stalled: it stopped reading"
+"""The reason a pipe ends when a side would not read (see ``STALL_TIMEOUT``)."""
 
 _SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
 _SPLICE_UNSUPPORTED = frozenset(
@@ -211,6 +219,7 @@ class _Direction:
     carrier: _Carrier
     meter: RoomMeter | None = None
     """Shared by both directions: bytes delivered (for live metrics) and the rate limit."""
+    stall: float = STALL_TIMEOUT
     reading: trio.CancelScope = attrs.field(factory=trio.CancelScope)
     delivered: int = 0
     src_ended: bool = False
@@ -236,10 +245,12 @@ class _Ending:
     reason: str = "cancelled"
 
 
-async def blind_pipe(a: SocketLike, b: SocketLike, *, meter: RoomMeter | None = None) -> PipeStats:
+async def blind_pipe(a: SocketLike, b: SocketLike, *, meter: RoomMeter | None = None,
+                     stall: float = STALL_TIMEOUT) -> PipeStats:
     """Copy ``a`` <-> ``b`` until either ends, then mark the end on both and close both.
 
     ``meter`` counts the bytes as they go and may limit the room's rate (``relay.limits``).
+    A side that takes none of the bytes waiting for it for ``stall`` seconds ends the pipe.
 
     Takes ownership of both sockets: they are closed when this returns, whatever happens.
     Never raises; if cancelled from outside it still writes the marker where it can without
@@ -259,9 +270,9 @@ async def blind_pipe(a: SocketLike, b: SocketLike, *, meter: RoomMeter | None = 
         return PipeStats(0, 0, "", type(error).__name__, False)
     directions: list[_Direction] = []
     try:
-        a_to_b = _Direction(end_a, end_b, _new_carrier(), meter)
+        a_to_b = _Direction(end_a, end_b, _new_carrier(), meter, stall)
         directions.append(a_to_b)
-        b_to_a = _Direction(end_b, end_a, _new_carrier(), meter)
+        b_to_a = _Direction(end_b, end_a, _new_carrier(), meter, stall)
         directions.append(b_to_a)
         ending = _Ending()
         finished = False
@@ -356,7 +367,8 @@ async def _copy(direction: _Direction) -> tuple[str, str]:
             # Bytes held and the destination full: it is the bottleneck, so wait for it rather
             # than for more input. This is where backpressure happens.
             since_yield = 0
-            await trio.lowlevel.wait_writable(dst.fd)
+            if not await _wait_writable(direction):
+                return dst.name, STALLED
         elif budget == 0:
             since_yield = 0  # the room's rate limit: nothing may be read before then
             await trio.sleep(meter.wait(trio.current_time()))
@@ -383,10 +395,21 @@ async def _flush(direction: _Direction) -> None:
             if direction.meter is not None:
                 direction.meter.delivered += sent
         except BlockingIOError:
-            await trio.lowlevel.wait_writable(dst.fd)
+            if not await _wait_writable(direction):
+                return
         except OSError:
             direction.dst_broken = True
             return
+
+
+async def _wait_writable(direction: _Direction) -> bool:
+    """Wait until the destination takes bytes again; False (and it counts as broken) when
+    it took nothing for ``stall`` seconds."""
+    with trio.move_on_after(direction.stall):
+        await trio.lowlevel.wait_writable(direction.dst.fd)
+        return True
+    direction.dst_broken = True
+    return False
 
 
 async def _send_marker(direction: _Direction) -> None:
@@ -395,7 +418,8 @@ async def _send_marker(direction: _Direction) -> None:
         try:
             direction.marker_sent += dst.raw.send(CLOSE_MARKER[direction.marker_sent:])
         except BlockingIOError:
-            await trio.lowlevel.wait_writable(dst.fd)
+            if not await _wait_writable(direction):
+                return
         except OSError:
             direction.dst_broken = True
             return

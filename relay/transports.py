@@ -28,7 +28,7 @@ import trio
 
 from relay import wire
 from relay.limits import RoomMeter
-from relay.pipe import BUFFER_SIZE, CLOSE_MARKER, LINGER, PipeStats
+from relay.pipe import BUFFER_SIZE, CLOSE_MARKER, LINGER, STALL_TIMEOUT, STALLED, PipeStats
 from relay.websocket import UpgradeRequest, WebSocketError, WebSocketStream, read_upgrade_request
 
 log = logging.getLogger("relay.transports")
@@ -317,16 +317,26 @@ class _Flow:
     dst: Endpoint
     name: str
     meter: RoomMeter | None = None
+    stall: float = STALL_TIMEOUT
     delivered: int = 0
     stopped: bool = False
     reading: trio.CancelScope | None = None
+    writing: trio.CancelScope | None = None
     dst_broken: bool = False
+    empty_paid: int = 0
+    """Bytes of the source's frames without data already counted by the meter."""
 
     def stop(self) -> None:
         """Read no more (bytes already read are still delivered)."""
         self.stopped = True
         if self.reading is not None:
             self.reading.cancel()
+
+    def abandon(self) -> None:
+        """The destination failed as a source: write nothing more to it."""
+        self.dst_broken = True
+        if self.writing is not None:
+            self.writing.cancel()
 
 
 @attrs.define(eq=False)
@@ -335,16 +345,19 @@ class _Ending:
     reason: str = "cancelled"
 
 
-async def stream_pipe(a: Endpoint, b: Endpoint, *, meter: RoomMeter | None = None) -> PipeStats:
+async def stream_pipe(a: Endpoint, b: Endpoint, *, meter: RoomMeter | None = None,
+                      stall: float = STALL_TIMEOUT) -> PipeStats:
     """The secure room's blind pipe when either side is TLS or WebSocket.
 
     Same rules as ``relay.pipe.blind_pipe``: bytes are copied as they come, one buffer per
     direction (a slow reader slows its writer down, nothing grows); when either side ends,
     both stop reading, deliver what they hold, write the close marker ``ff ff ff ff`` to
     their destination and say goodbye; both are closed when this returns, whatever happens.
-    ``meter`` counts the bytes as they go and may limit the room's rate.
+    ``meter`` counts the bytes as they go and may limit the room's rate (a WebSocket's
+    frames without data count too). A side that takes nothing of a write for ``stall``
+    seconds ends the room, as does a side that fails: nothing waits on it any more.
     """
-    a_to_b, b_to_a = _Flow(a, b, "a", meter), _Flow(b, a, "b", meter)
+    a_to_b, b_to_a = _Flow(a, b, "a", meter, stall), _Flow(b, a, "b", meter, stall)
     ending = _Ending()
     try:
         async with trio.open_nursery() as nursery:
@@ -378,14 +391,38 @@ async def _carry(flow: _Flow, other: _Flow, ending: _Ending) -> None:
             await _deliver(flow, data)
     except _SideFailed as failure:
         side, reason = failure.side, failure.reason
+        if side == flow.name:
+            other.abandon()  # our source broke: the other way may be stuck writing to it
     if not ending.side and not flow.stopped:
         ending.side, ending.reason = side, reason
     other.stop()
     if not flow.dst_broken:
         try:
-            await flow.dst.stream.send_all(CLOSE_MARKER)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            await _write(flow, CLOSE_MARKER)
+        except _SideFailed:
+            pass
+
+
+async def _write(flow: _Flow, data: bytes) -> None:
+    """Write to the flow's destination; a failure, or ``stall`` seconds without the write
+    going through (the peer does not read), is that side's end."""
+    other_side = "b" if flow.name == "a" else "a"
+    if flow.dst_broken:
+        raise _SideFailed(other_side, "gone")
+    with trio.move_on_after(flow.stall) as writing:
+        flow.writing = writing
+        try:
+            await flow.dst.stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as error:
             flow.dst_broken = True
+            raise _SideFailed(other_side, str(error) or type(error).__name__) from None
+        finally:
+            flow.writing = None
+    if writing.cancelled_caught:
+        if flow.dst_broken:  # abandoned: its own failure as a source says why
+            raise _SideFailed(other_side, "gone")
+        flow.dst_broken = True
+        raise _SideFailed(other_side, STALLED)
 
 
 class _SideFailed(Exception):
@@ -404,19 +441,26 @@ async def _read(flow: _Flow) -> bytes:
             size = min(size, budget)
     try:
         data = await flow.src.stream.receive_some(size)
-        if meter is not None:
-            meter.spend(len(data))
-        return data
     except (trio.BrokenResourceError, trio.ClosedResourceError) as error:
         raise _SideFailed(flow.name, str(error) or type(error).__name__) from None
+    finally:
+        if meter is not None:
+            meter.spend(_empty_unpaid(flow))
+    if meter is not None:
+        meter.spend(len(data))
+    return data
+
+
+def _empty_unpaid(flow: _Flow) -> int:
+    """Bytes of frames without data (pings...) the source sent since last counted: they
+    cost the relay like data, so a room's rate limit counts them."""
+    seen = getattr(flow.src.stream, "empty_bytes", 0)
+    unpaid, flow.empty_paid = seen - flow.empty_paid, seen
+    return unpaid
 
 
 async def _deliver(flow: _Flow, data: bytes) -> None:
-    try:
-        await flow.dst.stream.send_all(data)
-    except (trio.BrokenResourceError, trio.ClosedResourceError) as error:
-        flow.dst_broken = True
-        raise _SideFailed("b" if flow.name == "a" else "a", str(error) or type(error).__name__) from None
+    await _write(flow, data)
     flow.delivered += len(data)
     if flow.meter is not None:
         flow.meter.delivered += len(data)
