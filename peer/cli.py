@@ -65,6 +65,18 @@ def build_parser() -> argparse.ArgumentParser:
             default=None,
             help="PEM file of the authorities to trust for a tls:// or wss:// relay, instead of the system's",
         )
+        sub.add_argument(
+            "--max-attempts",
+            type=int,
+            default=handshake.DEFAULT_MAX_ATTEMPTS,
+            metavar="N",
+            help=(
+                "give up after N failed handshakes, each being one guess of the code "
+                if sub.prog.endswith("send")
+                else "give up after N senders failed to prove the code, each being one guess of it "
+            )
+            + f"(default {handshake.DEFAULT_MAX_ATTEMPTS})",
+        )
         sub.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
         sub.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors (and a generated code)")
 
@@ -75,14 +87,6 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PW",
         help=f"use this code instead of a generated one (${PASSWORD_ENV} does the same without "
         "showing it in the process list)",
-    )
-    send.add_argument(
-        "--max-attempts",
-        type=int,
-        default=handshake.DEFAULT_MAX_ATTEMPTS,
-        metavar="N",
-        help="give up after N failed handshakes, each being one guess of the code "
-        f"(default {handshake.DEFAULT_MAX_ATTEMPTS})",
     )
     send.add_argument(
         "--text", metavar="MESSAGE", help="send this text instead of files; the receiver prints it"
@@ -160,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.secure_port is not None and not 0 < args.secure_port < 65536:
         print("peer: --secure-port must be between 1 and 65535", file=sys.stderr)
         return 2
-    if args.command == "send" and args.max_attempts < 1:
+    if args.max_attempts < 1:
         print("peer: --max-attempts must be at least 1", file=sys.stderr)
         return 2
     if args.command == "send" and (args.text is None) == (not args.paths):
@@ -216,9 +220,17 @@ def _relay_from(args) -> tuple[RelayAddress | None, bool]:
 
 def _describe_handshake_event(console: Console, event: handshake.Event) -> None:
     if isinstance(event, handshake.AttemptFailed):
+        what = ("had a different code" if event.kind == handshake.AttemptKind.WRONG_CODE
+                else "abandoned the handshake after seeing our proof")
         console.warn(
-            f"a receiver at {_show(event.partner_identity)} tried a wrong code "
+            f"a receiver at {_show(event.partner_identity)} {what} "
             f"({event.attempts_used} of {event.attempts_allowed} attempts used): {event.reason}"
+        )
+    elif isinstance(event, handshake.ProofFailed) and event.failures > 1:
+        # The first one is most likely our own typo, which the wrong-code message covers.
+        console.warn(
+            f"another sender, at {_show(event.partner_identity)}, failed to prove the code "
+            f"({event.failures} of {event.failures_allowed} allowed): someone may be guessing it"
         )
     elif isinstance(event, handshake.Declined):
         console.info(f"{_show(event.partner_identity)} declined; still waiting")
@@ -435,7 +447,7 @@ async def _receive_into(address, password, destination, args, console: Console) 
             return True
         return await console.ask(f"Accept from {who} (a bob sender)?")
 
-    machine = handshake.ReceiverHandshake(password)
+    machine = handshake.ReceiverHandshake(password, max_attempts=args.max_attempts)
     try:
         meeting = await meet(
             address, machine, notify=partial(_describe_handshake_event, console), decide=decide_agreement

@@ -14,12 +14,32 @@ with the same packets:
 Guessing limit (sender). Each handshake a stranger runs against our sender is one *online*
 guess of the code: after receiving Y and our validator (packet 06) it can test one password
 offline, whether it then answers or just walks away. The sender therefore counts every
-handshake that got a 06 and did not end in an agreement (wrong validator, a Spoke_failure
-from the receiver, a departure mid-way) and gives up after ``max_attempts`` (default 3).
-Handshakes still in flight count against the budget too, so a stranger cannot open many at
-once to get more guesses. With our default codes (three words of the EFF large list, about
-38.8 bits) three guesses succeed with probability 3 / 2**38.8, under 1e-11; three also
-leaves room for the honest "I mistyped it" once or twice. bob has no limit at all.
+handshake that got a 06 and did not end in an agreement, and gives up after
+``max_attempts`` (default 3). Handshakes still in flight count against the budget too, so a
+stranger cannot open many at once to get more guesses. With our default codes (three words
+of the EFF large list, about 38.8 bits) three guesses succeed with probability 3 / 2**38.8,
+under 1e-11; three also leaves room for the honest "I mistyped it" once or twice. bob has
+no limit at all.
+
+Each failed attempt has a kind (``AttemptKind``), so that the user can tell a typo from a
+stranger. *wrong_code*: the receiver showed it holds another code, by a validator (05) that
+did not match ours or by Spoke_failure 1 ("your validator does not match my code"), which is
+what an honest receiver with a mistyped code sends. *abandoned*: it took our 06 and went
+away (09) or broke off with another Spoke_failure code, which no honest receiver sends after
+a valid 06; that is how a stranger collects guesses without the code. Both kinds cost an
+attempt, since the 06 was already out. A handshake that ends before our 06 (a 07 whose X is
+not a valid point gets Spoke_failure 0 instead) revealed nothing and costs nothing. Neither
+kind is proof, since a stranger can send either; so when the sender gives up, the message
+names the kinds, and says that someone else may be guessing when any was abandoned.
+
+Guessing limit (receiver). A sender's validator (06) that does not match our code was one
+online guess of it by whoever runs that sender, so the receiver stops after
+``max_attempts`` such senders (the same default, 3), naming the nameplate they used. A
+sender that breaks off before its 06 (a Spoke_failure, a departure) learnt nothing and is
+no guess, but each one costs us a stretching of the code; so the receiver answers at most
+``SENDERS_PER_ATTEMPT * max_attempts`` senders in all (30 by default, far more than share a
+nameplate honestly) and then stops too. Once a sender has proved the code, the limits only
+stop us answering new senders: that agreement is left to finish.
 
 Nameplates (both roles). On a busy relay every receiver is told about every waiting sender,
 and bob's receiver runs a handshake with each of them. Our codes start with a number, the
@@ -63,13 +83,16 @@ __all__ = [
     "AgreementWithdrawn",
     "Agreed",
     "AttemptFailed",
+    "AttemptKind",
     "Declined",
     "Event",
     "Failed",
     "FailureKind",
     "Paired",
+    "ProofFailed",
     "ReceiverHandshake",
     "Registered",
+    "SENDERS_PER_ATTEMPT",
     "SendFrame",
     "SenderHandshake",
     "Verified",
@@ -78,6 +101,9 @@ __all__ = [
 ]
 
 DEFAULT_MAX_ATTEMPTS = 3
+"""Failed handshakes a sender allows, and failed proofs from senders a receiver allows."""
+SENDERS_PER_ATTEMPT = 10
+"""A receiver answers at most this many senders per allowed failed proof, in all."""
 DEFAULT_GRACE = 2.0
 """Seconds a receiver whose code was rejected waits for another sender before giving up."""
 COSTLY_PATIENCE = 2.0
@@ -142,6 +168,15 @@ class Declined:
     partner_identity: bytes
 
 
+class AttemptKind(enum.StrEnum):
+    """How a sender's failed handshake ended (see the module docstring)."""
+
+    WRONG_CODE = "wrong_code"
+    """The receiver showed it holds another code: a typo, or a wrong guess."""
+    ABANDONED = "abandoned"
+    """The receiver took our proof (06) and broke off without proving anything."""
+
+
 @attrs.frozen(kw_only=True)
 class AttemptFailed:
     """Sender only: a handshake ended without agreement, which spent one guess of the code."""
@@ -150,6 +185,16 @@ class AttemptFailed:
     partner_identity: bytes
     attempts_used: int
     attempts_allowed: int
+    kind: AttemptKind
+
+
+@attrs.frozen(kw_only=True)
+class ProofFailed:
+    """Receiver only: a sender's proof (06) did not match our code, one guess of it."""
+
+    partner_identity: bytes
+    failures: int
+    failures_allowed: int
 
 
 @attrs.frozen(kw_only=True)
@@ -167,6 +212,8 @@ class FailureKind(enum.StrEnum):
 
     WRONG_CODE = "wrong_code"
     GUESSING_LIMIT = "guessing_limit"
+    SENDER_LIMIT = "sender_limit"
+    """Receiver only: it answered as many senders as it will, and none proved the code."""
     RELAY_CLOSED = "relay_closed"
 
 
@@ -180,7 +227,7 @@ class Failed:
 
 Event = Union[
     SendFrame, Registered, Verified, Agreed, AgreementWithdrawn, Declined, AttemptFailed,
-    Paired, Failed,
+    ProofFailed, Paired, Failed,
 ]
 
 
@@ -311,6 +358,7 @@ class SenderHandshake(_Machine):
         self._make_scalar = make_scalar
         self.identity: bytes | None = None
         self.attempts_used = 0
+        self.attempts_by_kind = {kind: 0 for kind in AttemptKind}
         self._receivers: dict[int, _ReceiverSlot] = {}
 
     def start(self, now: float) -> list[Event]:
@@ -385,7 +433,8 @@ class SenderHandshake(_Machine):
         except spoke.SpokeError as error:
             del self._receivers[uid]
             events: list[Event] = [_send(uid, wire.SpokeFailure(error.code))]
-            return events + self._spend(slot, "its proof of the code did not match ours")
+            return events + self._spend(slot, AttemptKind.WRONG_CODE,
+                                        "its proof of the code did not match ours")
         return [
             _send(uid, wire.Agreement()),
             Verified(partner_uid=uid, partner_identity=slot.identity),
@@ -416,35 +465,49 @@ class SenderHandshake(_Machine):
         if slot is None or slot.keys is not None:
             return []
         if code == spoke.FAILURE_BAD_CLIENT_VALIDATOR:
-            return self._spend(slot, "it has a different code")
-        return self._spend(slot, f"it gave up on the handshake (spoke failure {code})")
+            return self._spend(slot, AttemptKind.WRONG_CODE,
+                               "it says our proof does not match its code")
+        return self._spend(slot, AttemptKind.ABANDONED, f"it broke off (spoke failure {code})")
 
     def _receiver_left(self, uid: int) -> list[Event]:
         slot = self._receivers.pop(uid, None)
         if slot is None or slot.keys is not None:
             return []
-        return self._spend(slot, "it left in the middle of the handshake")
+        return self._spend(slot, AttemptKind.ABANDONED, "it left without proving the code")
 
-    def _spend(self, slot: _ReceiverSlot, reason: str) -> list[Event]:
+    def _spend(self, slot: _ReceiverSlot, kind: AttemptKind, reason: str) -> list[Event]:
         self.attempts_used += 1
+        self.attempts_by_kind[kind] += 1
         events: list[Event] = [
             AttemptFailed(
                 reason=reason,
                 partner_identity=slot.identity,
                 attempts_used=self.attempts_used,
                 attempts_allowed=self.max_attempts,
+                kind=kind,
             )
         ]
         if self.attempts_used >= self.max_attempts:
-            plural = "" if self.max_attempts == 1 else "s"
-            events += self._finish(
-                Failed(
-                    f"{self.max_attempts} handshake{plural} failed: the code was mistyped, or "
-                    "someone is guessing it; start again with a new code",
-                    FailureKind.GUESSING_LIMIT,
-                )
-            )
+            events += self._finish(Failed(self._giving_up(), FailureKind.GUESSING_LIMIT))
         return events
+
+    def _giving_up(self) -> str:
+        """What the user reads when the attempts are spent: how many of each kind, and who
+        is likely to blame (a typo leaves wrong codes; only a stranger abandons)."""
+        wrong = self.attempts_by_kind[AttemptKind.WRONG_CODE]
+        abandoned = self.attempts_by_kind[AttemptKind.ABANDONED]
+        kinds = []
+        if wrong:
+            kinds.append(f"{wrong} wrong code{'' if wrong == 1 else 's'}")
+        if abandoned:
+            kinds.append(f"{abandoned} abandoned after seeing our proof")
+        plural = "" if self.attempts_used == 1 else "s"
+        if abandoned:
+            blame = "someone else on the relay may be guessing the code"
+        else:
+            blame = "the receiver mistyped the code, or someone else on the relay is guessing it"
+        return (f"gave up after {self.attempts_used} failed handshake{plural} "
+                f"({', '.join(kinds)}): {blame}; send again to get a new code")
 
 
 # --- receiver -------------------------------------------------------------------------------
@@ -475,21 +538,32 @@ class ReceiverHandshake(_Machine):
 
     Like bob it runs a handshake with every sender it is told about (minus those with
     another nameplate) and may see several agreements; it acts on only one: after
-    ``accept``, any later agreement is refused. ``make_scalar`` is for test vectors.
+    ``accept``, any later agreement is refused. Unlike bob it stops after ``max_attempts``
+    senders failed to prove the code, or after answering ``SENDERS_PER_ATTEMPT`` times that
+    many senders in all (the module docstring says why). ``make_scalar`` is for test vectors.
     """
 
     def __init__(
         self,
         password: bytes,
         *,
+        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
         grace: float = DEFAULT_GRACE,
         make_scalar: Callable[[], bytes] | None = None,
     ) -> None:
         if grace < 0:
             raise ValueError(f"grace must not be negative, not {grace}")
+        if max_attempts < 1:
+            raise ValueError(f"max_attempts must be at least 1, not {max_attempts}")
         super().__init__()
         self._password = password
         self.grace = grace
+        self.max_attempts = max_attempts
+        self.max_senders = SENDERS_PER_ATTEMPT * max_attempts
+        self.failed_proofs = 0
+        """Senders whose validator (06) did not match our code: each was one guess of it."""
+        self.senders_answered = 0
+        """Senders we sent our X (07) to, whatever came of it."""
         self.nameplate = nameplate_of(password)
         self._make_scalar = make_scalar
         self.identity: bytes | None = None
@@ -565,12 +639,13 @@ class ReceiverHandshake(_Machine):
     def refuse(self, uid: int) -> list[Event]:
         """Decline the agreement with ``uid`` (sends 0b) and keep waiting for others.
 
-        Returns [] when ``uid`` is not an open agreement.
+        Returns [] when ``uid`` is not an open agreement. Once a limit was reached, no other
+        sender will be answered: refusing the last open one ends the handshake (Failed).
         """
         if self.finished or not self._is_open(self._senders.get(uid)):
             return []
         del self._senders[uid]
-        return [_send(uid, wire.Refused())]
+        return [_send(uid, wire.Refused())] + self._give_up_if_spent()
 
     @staticmethod
     def _is_open(slot: _SenderSlot | None) -> bool:
@@ -612,6 +687,8 @@ class ReceiverHandshake(_Machine):
             return []
         if uid == wire.RELAY_UID or uid in self._senders or uid in self._costly:
             return []
+        if self._stopped_answering():
+            return []
         if self.nameplate is not None and not _salt_matches(packet.public, self.nameplate):
             return []  # someone else's transfer: do not spend their guesses or our CPU
         try:
@@ -632,7 +709,47 @@ class ReceiverHandshake(_Machine):
         state, x = spoke.hello(self._password, public, scalar=scalar)
         self._senders[uid] = _SenderSlot(packet.identity, public, state, since=now)
         self._deadline = None
+        self.senders_answered += 1
+        if self._stopped_answering():
+            self._costly.clear()
         return [_send(uid, wire.XAndClientIdentity(x, self.identity))]
+
+    def _stopped_answering(self) -> bool:
+        return self.failed_proofs >= self.max_attempts or self.senders_answered >= self.max_senders
+
+    def _proof_failed(self, slot: _SenderSlot) -> list[Event]:
+        """Count a sender's wrong validator: one guess of our code by whoever runs it."""
+        self.failed_proofs += 1
+        events: list[Event] = [ProofFailed(partner_identity=slot.identity,
+                                           failures=self.failed_proofs,
+                                           failures_allowed=self.max_attempts)]
+        if self.failed_proofs >= self.max_attempts:
+            # No more guesses: handshakes not yet at their 06 are dropped unanswered, and a
+            # 06 arriving for one of them is never checked (our answer would tell the result).
+            for other in [u for u, s in self._senders.items() if s.stage is _Stage.AWAITING_Y]:
+                del self._senders[other]
+            self._costly.clear()
+        return events
+
+    def _give_up_if_spent(self) -> list[Event]:
+        """Failed once a limit stopped us answering and no sender is left that could pair."""
+        if self.finished or self._senders or self._costly or not self._stopped_answering():
+            return []
+        plate = "" if self.nameplate is None else f" with nameplate {self.nameplate}"
+        if self.failed_proofs >= self.max_attempts:
+            count = self.failed_proofs
+            who = f"{count} sender{'' if count == 1 else 's'}{plate}"
+            blame = "the code is wrong, or someone is guessing it" if count == 1 else \
+                "someone may be guessing it"
+            return self._finish(Failed(
+                f"{who} failed to prove the code: {blame}; ask the sender for a new code",
+                FailureKind.GUESSING_LIMIT,
+            ))
+        return self._finish(Failed(
+            f"gave up after answering {self.senders_answered} senders{plate} without pairing: "
+            "someone may be flooding the relay with fake senders; ask the sender for a new code",
+            FailureKind.SENDER_LIMIT,
+        ))
 
     def _on_y(self, uid: int, packet: wire.YAndServerValidator, now: float) -> list[Event]:
         slot = self._senders.get(uid)
@@ -647,9 +764,10 @@ class ReceiverHandshake(_Machine):
                 server_identity=slot.identity,
             )
         except spoke.SpokeError as error:
+            events: list[Event] = [_send(uid, wire.SpokeFailure(error.code))]
             if error.code == spoke.FAILURE_BAD_CLIENT_VALIDATOR:
                 self._code_rejected = True
-            events: list[Event] = [_send(uid, wire.SpokeFailure(error.code))]
+                events += self._proof_failed(slot)
             return events + self._forget(uid, now)
         slot.state = None
         slot.keys = keys
@@ -693,6 +811,9 @@ class ReceiverHandshake(_Machine):
             if self._accepted == uid:
                 self._accepted = None
             events.append(AgreementWithdrawn(partner_uid=uid, partner_identity=slot.identity))
+        events += self._give_up_if_spent()
+        if self.finished:
+            return events
         hopeless = (self._code_rejected and not self._code_confirmed
                     and not self._senders and not self._costly)
         if hopeless and self._deadline is None:

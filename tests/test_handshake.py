@@ -16,16 +16,20 @@ from peer.handshake import (
     AgreementWithdrawn,
     Agreed,
     AttemptFailed,
+    AttemptKind,
     Declined,
     Failed,
     FailureKind,
     Paired,
+    ProofFailed,
     ReceiverHandshake,
     Registered,
     SendFrame,
     SenderHandshake,
     Verified,
     COSTLY_PATIENCE,
+    DEFAULT_MAX_ATTEMPTS,
+    SENDERS_PER_ATTEMPT,
     nameplate_of,
     salt_for,
 )
@@ -205,7 +209,8 @@ def test_wrong_code_fails_the_receiver_after_the_grace_period_and_costs_one_atte
     [attempt] = s.of(AttemptFailed)
     assert (attempt.attempts_used, attempt.attempts_allowed) == (1, 3)
     assert attempt.partner_identity == b"127.0.0.1:40001"
-    assert "different code" in attempt.reason
+    assert attempt.kind == AttemptKind.WRONG_CODE == "wrong_code"
+    assert attempt.reason == "it says our proof does not match its code"
     assert not s.machine.finished
 
 
@@ -217,7 +222,9 @@ def test_three_wrong_receivers_exhaust_the_sender_and_a_fourth_is_not_answered()
     assert [a.attempts_used for a in s.of(AttemptFailed)] == [1, 2, 3]
     [failed] = s.of(Failed)
     assert failed.kind == FailureKind.GUESSING_LIMIT
-    assert failed.reason.startswith("3 handshakes failed")
+    assert failed.reason == (
+        "gave up after 3 failed handshakes (3 wrong codes): the receiver mistyped the code, "
+        "or someone else on the relay is guessing it; send again to get a new code")
     assert s.closed
 
     # Even if its connection lingered, a finished sender answers nothing.
@@ -819,6 +826,10 @@ def test_no_input_sequence_breaks_a_machine(role, data):
     if role == "sender":
         assert machine.attempts_used <= machine.max_attempts
         assert len([e for e in events if isinstance(e, AttemptFailed)]) == machine.attempts_used
+    else:
+        assert machine.failed_proofs <= machine.max_attempts
+        assert machine.senders_answered <= machine.max_senders
+        assert len([e for e in events if isinstance(e, ProofFailed)]) == machine.failed_proofs
 
 
 # --- nameplates -----------------------------------------------------------------------------
@@ -910,3 +921,205 @@ def _receiver_with_agreement(uid: int):
     events = machine.receive(wire.Frame(uid, wire.Agreement()), 0)
     assert [type(e) for e in events] == [Agreed]
     return machine, events
+
+
+# --- guessing limits: what each failure was, and the receiver's own limit (issue 16) ---------
+
+
+def _sender_with_an_attempt(uid: int):
+    """A sender that answered a stranger's 07 (wrong code) with its 06: a guess given away."""
+    machine, events = _sender_answering(uid, b"417-a-wrong-guess")
+    assert [f.packet.TYPE for f in frames_of(events)] == [wire.YAndServerValidator.TYPE]
+    return machine
+
+
+def _attempts(events: list) -> list[tuple[AttemptKind, str, int]]:
+    return [(e.kind, e.reason, e.attempts_used) for e in events if isinstance(e, AttemptFailed)]
+
+
+def test_the_sender_tells_a_wrong_code_from_an_abandoned_handshake():
+    machine = _sender_with_an_attempt(2)
+    # Spoke_failure 1: "your proof does not match my code", what a mistyped receiver sends.
+    events = machine.receive(wire.Frame(2, wire.SpokeFailure(1)), 0)
+    assert _attempts(events) == [(AttemptKind.WRONG_CODE, "it says our proof does not match its code", 1)]
+
+    # A 05 that does not match: it holds another code.
+    machine = _sender_with_an_attempt(2)
+    events = machine.receive(wire.Frame(2, wire.ClientValidator(bytes(64))), 0)
+    assert _attempts(events) == [(AttemptKind.WRONG_CODE, "its proof of the code did not match ours", 1)]
+
+    # Taking our 06 and leaving, or breaking off with a code no honest receiver sends here.
+    machine = _sender_with_an_attempt(2)
+    events = machine.receive(wire.Frame(0, wire.Closed(2)), 0)
+    assert _attempts(events) == [(AttemptKind.ABANDONED, "it left without proving the code", 1)]
+    for code in (0, 2, 3, 4):
+        machine = _sender_with_an_attempt(2)
+        events = machine.receive(wire.Frame(2, wire.SpokeFailure(code)), 0)
+        assert _attempts(events) == [(AttemptKind.ABANDONED, f"it broke off (spoke failure {code})", 1)]
+
+
+def test_the_sender_gives_up_saying_someone_else_may_be_guessing():
+    # The proof of concept of finding 4: valid 07s for a wrong code, then Spoke_failure or
+    # nothing. Both cost an attempt (our 06 let the stranger test one guess offline).
+    net = Net()
+    s = net.join("sender", sender())
+    typo = net.join("typo", ReceiverHandshake(b"417-cobalt-lemon-bicycle"))
+    first = net.join("guesser 0", Guesser(b"417-guess-0"))
+    net.leave(first)
+    second = net.join("guesser 1", Guesser(b"417-guess-1"))
+    net.emit(second, [SendFrame(wire.Frame(1, wire.SpokeFailure(0)))])
+    net.pump()
+
+    assert [(a.kind, a.attempts_used, a.partner_identity) for a in s.of(AttemptFailed)] == [
+        (AttemptKind.WRONG_CODE, 1, typo.machine.identity),
+        (AttemptKind.ABANDONED, 2, first.machine.identity),
+        (AttemptKind.ABANDONED, 3, second.machine.identity),
+    ]
+    assert s.machine.attempts_by_kind == {AttemptKind.WRONG_CODE: 1, AttemptKind.ABANDONED: 2}
+    assert s.of(Failed) == [Failed(
+        "gave up after 3 failed handshakes (1 wrong code, 2 abandoned after seeing our proof): "
+        "someone else on the relay may be guessing the code; send again to get a new code",
+        FailureKind.GUESSING_LIMIT,
+    )]
+    one = sender(max_attempts=1)
+    one.start(0)
+    one.receive(wire.Frame(0, wire.ServerIdentity(b"127.0.0.1:40000")), 0)
+    x = spoke.hello(b"417-guess", one.public)[1]
+    one.receive(wire.Frame(2, wire.XAndClientIdentity(x, b"127.0.0.1:40002")), 0)
+    [failed] = [e for e in one.receive(wire.Frame(0, wire.Closed(2)), 0) if isinstance(e, Failed)]
+    assert failed.reason.startswith("gave up after 1 failed handshake (1 abandoned after seeing our proof)")
+
+
+def test_a_handshake_that_ends_before_our_proof_costs_nothing():
+    machine = sender(max_attempts=1)
+    machine.start(0)
+    machine.receive(wire.Frame(0, wire.ServerIdentity(b"127.0.0.1:40000")), 0)
+    # An X that is not a point of the group: we answer Spoke_failure 0, never a 06.
+    not_a_point = wire.XAndClientIdentity(b"\xff" * 32, b"127.0.0.1:40002")
+    assert written(machine, 2, not_a_point) == [wire.Frame(2, wire.SpokeFailure(0))]
+    # Whatever that receiver does next spends nothing: it never saw a proof.
+    assert machine.receive(wire.Frame(2, wire.SpokeFailure(1)), 0) == []
+    assert machine.receive(wire.Frame(0, wire.Closed(2)), 0) == []
+    # Nor does a 07 before the relay told us who we are (we cannot answer it).
+    early = sender(max_attempts=1)
+    early.start(0)
+    x = spoke.hello(CODE, early.public)[1]
+    assert early.receive(wire.Frame(3, wire.XAndClientIdentity(x, b"127.0.0.1:40003")), 0) == []
+    assert machine.attempts_used == early.attempts_used == 0
+    # The one attempt is still there for the right receiver.
+    machine, _ = _sender_answering(uid=4, password=CODE, finish=True)
+    assert machine.attempts_used == 0 and not machine.finished
+
+
+def test_the_receiver_stops_after_three_senders_fail_to_prove_its_code():
+    # The proof of concept of finding 5: fake senders with the receiver's nameplate and a
+    # wrong code, each one online guess at it. Each comes before the grace period ends.
+    net = Net()
+    r = net.join("receiver", ReceiverHandshake(CODE, grace=2.0))
+    fakes = [net.join(f"fake {n}", sender(b"417-wrong-guess-%d" % n)) for n in range(3)]
+    assert [len(f.got(wire.XAndClientIdentity)) for f in fakes] == [1, 1, 1]
+    assert r.events == [
+        Registered(r.machine.identity),
+        *[ProofFailed(partner_identity=f.machine.identity, failures=n + 1, failures_allowed=3)
+          for n, f in enumerate(fakes)],
+        Failed(
+            "3 senders with nameplate 417 failed to prove the code: someone may be guessing it; "
+            "ask the sender for a new code",
+            FailureKind.GUESSING_LIMIT,
+        ),
+    ]
+    assert r.closed and r.machine.failed_proofs == 3 == DEFAULT_MAX_ATTEMPTS
+    # Each fake sender was told "wrong code" (and spent one of its own attempts on us).
+    assert [len(f.of(AttemptFailed)) for f in fakes] == [1, 1, 1]
+    fourth = net.join("fake 3", sender(b"417-wrong-guess-3"))
+    assert fourth.got(wire.XAndClientIdentity) == []
+
+
+def test_the_receiver_limit_drops_handshakes_in_flight_and_checks_no_more_proofs():
+    machine = _registered_receiver(CODE, max_attempts=2)
+    fakes = {}
+    for uid in (1, 2, 3):
+        fake = sender(b"417-wrong-guess")
+        fake.start(0)
+        identity = b"127.0.0.1:%d" % (40000 + uid)
+        fake.receive(wire.Frame(0, wire.ServerIdentity(identity)), 0)
+        [x] = written(machine, 0, wire.NewServer(uid, fake.public.encode(), identity))
+        [y] = frames_of(fake.receive(wire.Frame(9, x.packet), 0))
+        fakes[uid] = y.packet
+    first = machine.receive(wire.Frame(1, fakes[1]), 0)
+    assert frames_of(first) == [wire.Frame(1, wire.SpokeFailure(1))]
+    second = machine.receive(wire.Frame(2, fakes[2]), 0)
+    assert frames_of(second) == [wire.Frame(2, wire.SpokeFailure(1))]
+    assert [e.failures for e in first + second if isinstance(e, ProofFailed)] == [1, 2]
+    assert [e.kind for e in second if isinstance(e, Failed)] == [FailureKind.GUESSING_LIMIT]
+    assert second[-1].reason.startswith("2 senders with nameplate 417 failed to prove the code")
+    # The third was in flight: its 06 is never checked, so its sender learns nothing.
+    assert machine.receive(wire.Frame(3, fakes[3]), 0) == []
+
+
+def test_once_the_code_is_proved_the_limit_only_stops_new_senders():
+    net = Net()
+    net.join("right sender", sender(CODE))
+    r = net.join("receiver", ReceiverHandshake(CODE), decide=None)
+    [agreed] = r.of(Agreed)
+    for n in range(3):
+        net.join(f"fake {n}", sender(b"417-wrong-guess-%d" % n))
+    assert len(r.of(ProofFailed)) == 3 and r.of(Failed) == []
+    late = net.join("late", sender(CODE))
+    assert late.got(wire.XAndClientIdentity) == []  # no more answers, not even to the code
+    # Refusing the one agreement left ends it: nobody else will be answered.
+    net.emit(r, r.machine.refuse(agreed.partner_uid))
+    net.pump()
+    [failed] = r.of(Failed)
+    assert failed.kind == FailureKind.GUESSING_LIMIT
+
+
+def _silent_sender(machine: ReceiverHandshake, uid: int, now: float = 0) -> list:
+    """Announce a sender with our nameplate; returns what the receiver wrote to it."""
+    public = spoke.Public(iterations=FAST, cipher0=0, cipher1=0, salt=salt_for(417)).encode()
+    return written(machine, 0, wire.NewServer(uid, public, b"127.0.0.1:%d" % (40000 + uid)), now)
+
+
+def test_senders_that_break_off_are_no_guesses_but_the_receiver_answers_only_so_many():
+    machine = _registered_receiver(CODE, max_attempts=1)
+    assert machine.max_senders == SENDERS_PER_ATTEMPT == 10
+    # Nine fake senders take our 07 and go away, by Spoke_failure or by leaving: no guess.
+    for uid in range(1, 10):
+        [x] = _silent_sender(machine, uid)
+        assert isinstance(x.packet, wire.XAndClientIdentity)
+        goodbye = wire.Frame(uid, wire.SpokeFailure(3)) if uid % 2 else wire.Frame(0, wire.Closed(uid))
+        assert machine.receive(goodbye, 0) == []
+    assert machine.failed_proofs == 0 and machine.senders_answered == 9 and not machine.finished
+    # The tenth is answered; an eleventh, announced meanwhile, is not.
+    [x] = _silent_sender(machine, 10)
+    assert _silent_sender(machine, 11) == []
+    events = machine.receive(wire.Frame(0, wire.Closed(10)), 0)
+    assert events == [Failed(
+        "gave up after answering 10 senders with nameplate 417 without pairing: someone may be "
+        "flooding the relay with fake senders; ask the sender for a new code",
+        FailureKind.SENDER_LIMIT,
+    )]
+
+
+def test_the_receivers_limits_leave_an_honest_retry_alone():
+    # One typo'd sender, then the right one: one failed proof, then a pairing.
+    net = Net()
+    net.join("wrong sender", sender(OTHER_CODE))
+    r = net.join("receiver", ReceiverHandshake(CODE, grace=2.0))
+    s = net.join("right sender", sender(CODE))
+    assert [e.failures for e in r.of(ProofFailed)] == [1]
+    assert r.of(Paired) and s.of(Paired) and r.of(Failed) == []
+    # With --max-attempts 1 a single mismatch ends it at once, and says so.
+    net = Net()
+    net.join("wrong sender", sender(OTHER_CODE))
+    r = net.join("receiver", ReceiverHandshake(CODE, max_attempts=1))
+    assert r.of(Failed) == [Failed(
+        "1 sender with nameplate 417 failed to prove the code: the code is wrong, or someone "
+        "is guessing it; ask the sender for a new code",
+        FailureKind.GUESSING_LIMIT,
+    )]
+
+
+def test_receiver_constructor_checks_max_attempts():
+    with pytest.raises(ValueError):
+        ReceiverHandshake(CODE, max_attempts=0)
