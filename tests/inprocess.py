@@ -127,7 +127,7 @@ async def run_pair(
             return
         try:
             started = time.perf_counter()
-            machine = handshake.ReceiverHandshake(password)
+            machine = handshake.ReceiverHandshake(password, max_attempts=max_attempts)
             meeting = await meet(address, machine, notify=count_attempts, room_timeout=room_timeout)
             paired_at = time.perf_counter()
             result.handshake_seconds = paired_at - started
