@@ -20,6 +20,7 @@ import json
 import os
 import re
 import struct
+import unicodedata
 from typing import ClassVar, Iterable, Union
 
 import attrs
@@ -31,6 +32,7 @@ __all__ = [
     "DIRECTORY",
     "FILE",
     "MAX_DATA_SIZE",
+    "MAX_OFFER_ENTRIES",
     "PROTOCOL_VERSION",
     "RESUME",
     "RESUME_CHUNK",
@@ -73,6 +75,7 @@ __all__ = [
     "printable",
     "shown",
     "verification_string",
+    "windows_problem",
 ]
 
 PROTOCOL_VERSION = 1
@@ -89,7 +92,15 @@ MAX_BIG_DATA_SIZE = MAX_BIG_RECORD_SIZE - 1
 DIGEST_SIZE = 32  # blake3
 MAX_REASON_BYTES = 1024
 MAX_OFFER_BYTES = 64 * 1024 * 1024
-MAX_ENTRIES = 1_000_000
+MAX_OFFER_ENTRIES = 100_000
+"""The most entries (files and directories) one offer may list. Far more than anyone reviews
+at a prompt, and it bounds what the receiver parses and plans before asking: an offer over
+it is refused from a count of its entries, before the document is parsed."""
+MAX_ENTRIES = MAX_OFFER_ENTRIES  # the same cap under its older name (bob's payload uses it)
+MAX_LISTED = 20
+"""Lines of top-level items the receiver's prompt shows before it says how many more."""
+MAX_HIDDEN_LISTED = 10
+"""Hidden (dot) paths named at the prompt before it says how many more."""
 MAX_FILE_SIZE = 2**63 - 1
 MAX_PATH_BYTES = 4096
 MAX_COMPONENT_BYTES = 255
@@ -148,8 +159,10 @@ def name_problem(path: str) -> str | None:
     The one rule book for names: offers are parsed with it, the sender scans with it
     and the destination checks with it again, so a name one side accepts the other
     side accepts too. A name is a relative POSIX path of plain components; anything
-    that could climb out of the destination, mean something else on Windows, or
-    disguise itself on a terminal is refused on every platform.
+    that could climb out of the destination (on any platform, a drive letter and a
+    backslash included) or disguise itself on a terminal is refused everywhere. Names
+    that are merely special on Windows (``CON``, ``a:b``, ``x.``) are legal POSIX names
+    and stay legal here; a destination on Windows refuses them (`windows_problem`).
     """
     if not isinstance(path, str):
         return "is not a string"
@@ -178,6 +191,34 @@ def name_problem(path: str) -> str | None:
         if _DRIVE_LETTER.match(component):
             return "looks like a Windows drive letter"
     return None
+
+
+_WINDOWS_DEVICE = re.compile(r"(con|prn|aux|nul|com[0-9\u00b9\u00b2\u00b3]|lpt[0-9\u00b9\u00b2\u00b3]|conin\$|conout\$)(\..*)?",
+                             re.IGNORECASE)
+_WINDOWS_RESERVED = re.compile(r'[<>:"|?*]')
+
+
+def windows_problem(path: str) -> str | None:
+    """Why `path`, acceptable to `name_problem`, means something else to Windows; or None.
+
+    Windows opens a device for ``CON`` or ``aux.txt`` in any directory, reads ``a:b`` as
+    the stream ``b`` of the file ``a`` (so writing it changes an existing file behind the
+    overwrite check), and drops trailing dots and spaces (so ``x.`` lands on ``x``).
+    """
+    for component in path.split("/"):
+        if _WINDOWS_DEVICE.fullmatch(component.rstrip(" ")):
+            return f"is the device name {component.partition('.')[0]!r} on Windows"
+        reserved = _WINDOWS_RESERVED.search(component)
+        if reserved:
+            return f"contains {reserved.group()!r}, which means something else on Windows"
+        if component[-1] in ". ":
+            return "has a component ending with a dot or a space, which Windows drops"
+    return None
+
+
+def same_name_key(path: str) -> str:
+    """`path` as a file system that normalises Unicode sees it (macOS, Windows): NFC."""
+    return path if path.isascii() else unicodedata.normalize("NFC", path)
 
 
 def os_reason(error: OSError) -> str:
@@ -304,10 +345,11 @@ class Offer:
                 raise ValueError("an offer carries either a text or entries, not both")
         elif not self.entries:
             raise ValueError("the offer is empty")
-        if len(self.entries) > MAX_ENTRIES:
-            raise ValueError(f"the offer has over {MAX_ENTRIES} entries")
+        if len(self.entries) > MAX_OFFER_ENTRIES:
+            raise ValueError(f"the offer has over {MAX_OFFER_ENTRIES:,} entries (the limit)")
         directories: set[str] = set()
         seen: set[str] = set()
+        normalised: set[str] = set()
         files = 0
         total = 0
         for entry in self.entries:
@@ -316,9 +358,13 @@ class Offer:
             problem = _entry_problem(entry)
             if problem:
                 raise ValueError(problem)
-            if entry.path in seen:
-                raise ValueError(f"{entry.path} is offered twice")
+            key = same_name_key(entry.path)
+            if entry.path in seen or key in normalised:
+                # Two spellings of one name (NFC and NFD) are one file where names are
+                # normalised: the second would overwrite or merge into the first.
+                raise ValueError(f"{printable(entry.path)} is offered twice")
             seen.add(entry.path)
+            normalised.add(key)
             parent, slash, _ = entry.path.rpartition("/")
             if slash and parent not in directories:
                 # Also rules out a file being used as a directory ("a" and "a/b").
@@ -372,6 +418,53 @@ class Offer:
             listing = f"{len(tops)} items: {listing}"
         return f"{listing} ({self.file_count} file{plural}, {size})"
 
+    def listing(self) -> list[str]:
+        """Lines that show the receiver everything it would get, under `summary`.
+
+        Every top-level item (up to MAX_LISTED of them; then how many more), and always
+        every hidden path, nested ones included: a sender must not slip ``.git/hooks/...``
+        past the prompt behind a few harmless names. Nothing for a single visible item,
+        which `summary` already shows whole.
+        """
+        if self.text is not None:
+            return []
+        files: dict[str, int] = {}
+        sizes: dict[str, int] = {}
+        parents: set[str] = set()
+        hidden: list[str] = []
+        tops: list[OfferEntry] = []
+        for entry in self.entries:
+            top, slash, _ = entry.path.partition("/")
+            if not slash:
+                tops.append(entry)
+            else:
+                parents.add(entry.path.rpartition("/")[0])
+            if entry.is_file:
+                files[top] = files.get(top, 0) + 1
+                sizes[top] = sizes.get(top, 0) + (entry.size or 0)
+            if entry.path.startswith(".") or "/." in entry.path:
+                hidden.append(entry)
+        # A hidden path is named by its files (and its empty directories), not each level.
+        hidden_paths = [e.path for e in hidden if e.is_file or e.path not in parents]
+        if len(tops) == 1 and not hidden_paths:
+            return []
+        lines = []
+        for entry in tops[:MAX_LISTED]:
+            if entry.is_file:
+                size = "size unknown" if entry.size is None else format_size(entry.size)
+                lines.append(f"  {printable(entry.path)} ({size})")
+            else:
+                count = files.get(entry.path, 0)
+                lines.append(f"  {printable(entry.path)}/ (directory, {count} file{'' if count == 1 else 's'}, "
+                             f"{format_size(sizes.get(entry.path, 0))})")
+        if len(tops) > MAX_LISTED:
+            lines.append(f"  and {len(tops) - MAX_LISTED} more")
+        if hidden_paths:
+            shown_paths = ", ".join(printable(path) for path in hidden_paths[:MAX_HIDDEN_LISTED])
+            more = len(hidden_paths) - MAX_HIDDEN_LISTED
+            lines.append(f"  includes hidden paths: {shown_paths}" + (f" and {more} more" if more > 0 else ""))
+        return lines
+
     def to_json(
         self, *, version: int = PROTOCOL_VERSION, features: Iterable[str] = (), with_ids: bool = False
     ) -> bytes:
@@ -403,8 +496,13 @@ class Offer:
         Unknown keys are ignored so that later versions can add information; anything
         that changes meaning bumps the version instead.
         """
+        data = bytes(data)
+        # Every entry has a "kind" key (inside a JSON string a quote is escaped, so names
+        # cannot add to the count): a hostile document over the cap costs a count, not a parse.
+        if data.count(b'"kind"') > MAX_OFFER_ENTRIES:
+            raise ProtocolError(f"the offer has over {MAX_OFFER_ENTRIES:,} entries (the limit)")
         try:
-            document = json.loads(bytes(data).decode("utf-8"))
+            document = json.loads(data.decode("utf-8"))
         except (UnicodeDecodeError, ValueError, RecursionError) as exc:
             raise ProtocolError(f"the offer is not valid JSON: {exc.__class__.__name__}") from None
         if not isinstance(document, dict):
@@ -420,6 +518,8 @@ class Offer:
         raw_entries = document.get("entries")
         if not isinstance(raw_entries, list):
             raise ProtocolError("the offer has no entry list")
+        if len(raw_entries) > MAX_OFFER_ENTRIES:
+            raise ProtocolError(f"the offer has over {MAX_OFFER_ENTRIES:,} entries (the limit)")
         entries = []
         for raw in raw_entries:
             if not isinstance(raw, dict):
