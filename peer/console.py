@@ -31,15 +31,20 @@ class Console:
         return sys.stdin is not None and sys.stdin.isatty()
 
     async def ask(self, question: str) -> bool:
-        """bob's rule: y, yes, an empty line or end of input accept; n or no refuse."""
+        """y or yes accept, n or no refuse; so does an empty line on a terminal (bob's rule,
+        Enter means yes). End of input refuses: ``peer recv < /dev/null`` or a closed pipe
+        must not accept what nobody read. Only -y accepts unasked."""
         if self.assume_yes:
             return True
         prompt = f"{question} [Y/n]: "
         while True:
             print(prompt, end="", file=sys.stderr, flush=True)
             line = await trio.to_thread.run_sync(sys.stdin.readline, abandon_on_cancel=True)
+            if not line:
+                print(file=sys.stderr, flush=True)
+                return False
             answer = line.strip().lower()
-            if not line or answer in ("", "y", "yes"):
+            if answer in ("y", "yes") or (answer == "" and self.interactive):
                 return True
             if answer in ("n", "no"):
                 return False
