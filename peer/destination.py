@@ -6,6 +6,8 @@ existing symlinks, conflicts, free space). Each file is then written to a privat
 temporary name beside its target and only gets its real name after its blake3 matches
 the sender's, so a name that appears is always a complete, verified file.
 
+How one file is written and verified is `peer.partfile`'s; this module decides where.
+
 Threat model: a hostile sender. A local user racing us inside the destination
 directory (swapping directories for symlinks between our checks and our writes) is
 out of scope; we re-check containment before each file but do not use dir fds.
@@ -16,18 +18,27 @@ from __future__ import annotations
 import contextlib
 import errno
 import hmac
+import json
 import os
 import re
-import secrets
 import shutil
 import stat
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterator
 
 import blake3
 
-from peer.journal import JOURNAL_SUFFIX, Journal, journal_key
+from peer.journal import JOURNAL_SUFFIX, MAGIC as JOURNAL_MAGIC, Journal, journal_key
+from peer.partfile import (
+    PART_SUFFIX,
+    DestinationError,
+    IntegrityError,
+    PartFile,
+    StreamPart,
+    cut_name,
+    link_or_rename,
+    part_name,
+)
 from peer.transfer import (
     MAX_COMPONENT_BYTES,
     RESUME_CHUNK,
@@ -36,59 +47,59 @@ from peer.transfer import (
     format_size,
     name_problem,
     os_reason,
+    same_name_key,
     shown,
+    windows_problem,
 )
 
 __all__ = [
     "Destination",
-    "DestinationError",
+    "DestinationError",  # defined in peer.partfile, and part of this module's interface
     "IntegrityError",
-    "PartFile",
-    "PART_SUFFIX",
     "StreamDestination",
-    "StreamPart",
     "numbered_name",
 ]
 
-PART_SUFFIX = ".peer-part"
-WRITE_BATCH = 1 << 20
-_PART_NAME_BYTES = 200  # leaves room for ".<8 hex>.peer-part" within a 255-byte name
 _CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _BINARY = getattr(os, "O_BINARY", 0)
-_writer: ThreadPoolExecutor | None = None
+
+_KEY = re.compile(r"[0-9a-f]{16}")
 
 
-def _writer_thread() -> ThreadPoolExecutor:
-    """One thread that writes and hashes gathered bytes while the event loop goes on
-    receiving and decrypting (os.write and blake3 both release the GIL): on two cores the
-    receiver is no longer one thread doing everything in turn."""
-    global _writer
-    if _writer is None:
-        _writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="peer-write")
-    return _writer
-
-
-def _write_all(fd: int, data: bytes | memoryview, hasher) -> OSError | None:
-    """Write all of `data` and hash it; the error instead of raising it (it may run in the
-    writer thread, and the caller cleans up)."""
+def _journal_header(path: Path) -> dict:
+    """The header of the journal at `path` ({} if there is none, or it is not one)."""
     try:
-        with memoryview(data) as whole:
-            done = 0
-            while done < len(whole):
-                done += os.write(fd, whole[done:])
-            hasher.update(whole)
-    except OSError as exc:
-        return exc
-    return None
+        fd = os.open(path, os.O_RDONLY | _CLOEXEC | _NOFOLLOW)
+    except OSError:
+        return {}
+    try:
+        line = os.read(fd, 64 * 1024).partition(b"\n")[0]
+    except OSError:
+        return {}
+    finally:
+        os.close(fd)
+    if not line.startswith(JOURNAL_MAGIC.encode()):
+        return {}
+    try:
+        header = json.loads(line[len(JOURNAL_MAGIC) :].decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        return {}
+    return header if isinstance(header, dict) else {}
 
 
-class DestinationError(Exception):
-    """A one-line reason why the offer cannot be (or stopped being) written here."""
-
-
-class IntegrityError(DestinationError):
-    """A received file does not match the sender's hash; it was discarded."""
+def _tail_matches(part: Path, offset: int, digest: bytes) -> bool:
+    """Whether the last verified chunk before `offset` is still what the journal says."""
+    start = (offset - 1) // RESUME_CHUNK * RESUME_CHUNK
+    try:
+        with open(part, "rb", buffering=0) as file:
+            if os.fstat(file.fileno()).st_size < offset:
+                return False
+            file.seek(start)
+            data = file.read(offset - start)
+    except OSError:
+        return False
+    return len(data) == offset - start and hmac.compare_digest(blake3.blake3(data).digest(), digest)
 
 
 def _current_umask() -> int:
@@ -135,217 +146,6 @@ def numbered_name(name: str, number: int, *, directory: bool = False) -> str:
     return stem + suffix
 
 
-def _cut_name(name: str) -> str:
-    return name.encode("utf-8")[:_PART_NAME_BYTES].decode("utf-8", "ignore")
-
-
-def _part_name(name: str) -> str:
-    return f"{_cut_name(name)}.{secrets.token_hex(4)}{PART_SUFFIX}"
-
-
-def _tail_matches(part: Path, offset: int, digest: bytes) -> bool:
-    """Whether the last verified chunk before `offset` is still what the journal says."""
-    start = (offset - 1) // RESUME_CHUNK * RESUME_CHUNK
-    try:
-        with open(part, "rb", buffering=0) as file:
-            if os.fstat(file.fileno()).st_size < offset:
-                return False
-            file.seek(start)
-            data = file.read(offset - start)
-    except OSError:
-        return False
-    return len(data) == offset - start and hmac.compare_digest(blake3.blake3(data).digest(), digest)
-
-
-class PartFile:
-    """One file being received, under its temporary name; hashes what it writes."""
-
-    def __init__(
-        self,
-        entry: OfferEntry,
-        final_path: Path,
-        part_path: Path,
-        fd: int | None,
-        *,
-        journal: Journal | None = None,
-        new_journal: tuple[Path, dict] | None = None,
-        start: int = 0,
-    ) -> None:
-        self.entry = entry
-        self.final_path = final_path
-        self.part_path = part_path
-        self.written = start
-        self.journal = journal
-        """Under resume: verified chunks are journaled, and the hash covers one chunk at a time."""
-        self._new_journal = new_journal
-        """Where to create the journal at the first verified chunk: until then there is
-        nothing to resume, so nothing but the part file is left to clean up."""
-        self.complete = fd is None
-        """Resumed with nothing left: the file already has its final name (the journal says so)."""
-        self._fd: int | None = fd
-        self._hasher = blake3.blake3()
-        self._pending = bytearray(WRITE_BATCH if entry.size is None else min(WRITE_BATCH, entry.size - start))
-        self._filled = 0
-        self._spare: bytearray | None = None
-        """The other gather buffer: the writer thread owns it while `_writing` runs."""
-        self._writing: Future | None = None
-
-    @property
-    def closed(self) -> bool:
-        return self._fd is None and not self.complete
-
-    @property
-    def resumable(self) -> bool:
-        """Worth keeping after a failure: at least one chunk is verified and on disk."""
-        return self.journal is not None and bool(self.journal.chunks)
-
-    def check(self, digest: bytes) -> None:
-        """Under resume: the chunk just written must hash to the sender's `digest`; then it is
-        flushed to disk and journaled, so a later attempt can start after it."""
-        self._flush()
-        if not hmac.compare_digest(self._hasher.digest(), bytes(digest)):
-            self.discard()
-            raise IntegrityError(f"{self.entry.path} arrived corrupted (a chunk's hash does not match); discarded")
-        try:
-            (os.fdatasync if hasattr(os, "fdatasync") else os.fsync)(self._fd)
-            if self.journal is None:
-                self.journal = Journal.create(*self._new_journal)
-            self.journal.add_chunk(digest)
-        except OSError as exc:
-            self.discard()
-            raise DestinationError(f"cannot write {self.entry.path}: {os_reason(exc)}") from None
-        self._hasher = blake3.blake3()
-
-    def suspend(self) -> None:
-        """Stop, keeping the temporary file and its journal for a later resume."""
-        self._settle(quietly=True)
-        self._filled = 0
-        if self._fd is not None:
-            fd, self._fd = self._fd, None
-            os.close(fd)
-        if self.journal is not None:
-            self.journal.close()
-
-    def write(self, data: bytes | memoryview) -> None:
-        """Append received bytes. On failure the temporary file is removed first."""
-        if self._fd is None:
-            raise RuntimeError(f"{self.entry.path}: write after the file was closed")
-        if self.entry.size is not None and self.written + len(data) > self.entry.size:
-            self.discard()
-            raise DestinationError(f"{self.entry.path}: more data than the offered {self.entry.size} bytes")
-        size = len(data)
-        if self._filled + size > WRITE_BATCH:
-            self._drain()
-        if size >= WRITE_BATCH:
-            # Written at once: the caller may reuse `data` as soon as this returns.
-            self._settle()
-            self._check(_write_all(self._fd, data, self._hasher))
-        else:
-            self._pending[self._filled : self._filled + size] = data
-            self._filled += size
-        self.written += size
-        if self.written == self.entry.size:  # never for an unknown size: commit flushes
-            self._flush()
-
-    def _drain(self) -> None:
-        """Hand the gathered bytes to the writer thread and gather into the other buffer:
-        one large write costs far less than many small ones (on tmpfs here, 1 MiB writes run
-        at 2.7 GB/s, 32 KiB writes at 0.6 GB/s), and it overlaps with receiving."""
-        if not self._filled:
-            return
-        self._settle()
-        full, filled = self._pending, self._filled
-        self._pending = self._spare if self._spare is not None else bytearray(len(full))
-        self._spare = full
-        self._filled = 0
-        fd, hasher = self._fd, self._hasher
-        self._writing = _writer_thread().submit(
-            lambda: _write_all(fd, memoryview(full)[:filled], hasher))
-
-    def _flush(self) -> None:
-        """Everything received so far written and hashed."""
-        self._drain()
-        self._settle()
-
-    def _settle(self, quietly: bool = False) -> None:
-        """Wait for the write in flight; its failure becomes ours unless `quietly`."""
-        writing, self._writing = self._writing, None
-        if writing is not None:
-            error = writing.result()
-            if not quietly:
-                self._check(error)
-
-    def _check(self, error: OSError | None) -> None:
-        if error is None:
-            return
-        problem = os_reason(error)
-        if self.resumable:
-            self.suspend()  # what is verified stays: free some space and try again
-        else:
-            self.discard()
-        raise DestinationError(f"cannot write {self.entry.path}: {problem}")
-
-    def digest(self) -> bytes:
-        """The blake3 of everything written so far (gathered bytes are written first)."""
-        self._flush()
-        return self._hasher.digest()
-
-    def discard(self) -> None:
-        """Close and delete the temporary file (and its journal); safe to call more than once."""
-        self._settle(quietly=True)
-        self._filled = 0
-        if self.complete:
-            return  # the file is in place; its journal goes with the transfer's end
-        if self._fd is not None:
-            fd, self._fd = self._fd, None
-            os.close(fd)
-        try:
-            os.unlink(self.part_path)
-        except FileNotFoundError:
-            pass
-        if self.journal is not None:
-            self.journal.remove()
-
-    def _flush_and_close(self, mode: int) -> None:
-        """Give the file its final mode and make its bytes durable before it gets its name.
-
-        Without the fsync a crash soon after the rename could leave the final name
-        pointing at an empty or partial file, which is what this module promises never
-        to show.
-        """
-        self._flush()
-        fd = self._fd
-        try:
-            if hasattr(os, "fchmod"):
-                os.fchmod(fd, mode)
-            os.fsync(fd)
-        except OSError as exc:
-            raise DestinationError(f"cannot write {self.entry.path}: {os_reason(exc)}") from None
-        self._fd = None
-        os.close(fd)
-
-
-def _link_or_rename(source: Path, target: Path) -> bool:
-    """Give `source` the name `target` unless that name exists; False if it did.
-
-    link() then unlink() fails atomically when the name exists, unlike rename(). File
-    systems without hard links fall back to check-then-rename, which has a small race.
-    """
-    try:
-        os.link(source, target)
-    except FileExistsError:
-        return False
-    except OSError as exc:
-        if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
-            raise
-        if os.path.lexists(target):
-            return False
-        os.rename(source, target)
-        return True
-    os.unlink(source)
-    return True
-
-
 class Destination:
     """Where a receiver puts an offer: `plan`, then per file `open_part` / `commit`, then `finish`.
 
@@ -357,6 +157,14 @@ class Destination:
     default), replaced (`overwrite`), or avoided (`rename`): the item the sender named
     gets the first free name ``name (1).ext``, ``name (2).ext``... chosen while planning
     and chosen again, atomically, if that name is taken by the time the item is written.
+    An offered top-level directory that exists is refused too unless the user asked to
+    `merge` (or to `overwrite`): otherwise a sender offering ``.git`` could add a hook to
+    the checkout the receiver stands in. Files get no executable bit unless `keep_modes`.
+
+    Two offered names that the destination's file system would take for one (``Docs``
+    and ``docs`` where case is ignored; `case_insensitive` is probed when None) are
+    refused; so are names Windows reads as devices or streams (`windows_names`, on by
+    default on Windows).
     """
 
     def __init__(
@@ -365,13 +173,23 @@ class Destination:
         *,
         overwrite: bool = False,
         rename: bool = False,
+        merge: bool = False,
+        keep_modes: bool = False,
         resume: bool = True,
+        case_insensitive: bool | None = None,
+        windows_names: bool | None = None,
     ) -> None:
         if overwrite and rename:
             raise ValueError("choose overwrite or rename, not both")
         self.root = Path(root)
         self.overwrite = overwrite
         self.rename = rename
+        self.merge = merge or overwrite
+        """Write into top-level directories that exist already (files there stay refused
+        unless `overwrite`)."""
+        self.keep_modes = keep_modes
+        self._case_insensitive = case_insensitive
+        self.windows_names = os.name == "nt" if windows_names is None else windows_names
         self.supports_resume = resume
         """Offer the resume feature: keep verified partial files, and continue them later."""
         self._resuming = False
@@ -390,6 +208,11 @@ class Destination:
         self._local_top: dict[str, str] = {}
         """Offered top-level name -> the name it gets here (differs only with `rename`)."""
         self._claimed_tops: set[str] = set()
+        self._taken_tops: set[str] = set()
+        """Every offered top-level name and every name chosen for one (`rename`)."""
+        self._inside_cache: dict[Path, bool] = {}
+        self._leftovers: dict[Path, dict[str, list[str]]] = {}
+        """Directory -> cut name -> partial-file and journal names found there (resume)."""
 
     @property
     def renamed(self) -> dict[str, str]:
@@ -413,16 +236,21 @@ class Destination:
         if not stat.S_ISDIR(info.st_mode):
             raise DestinationError(f"cannot use {self.root} as the destination: not a directory")
         self._real_root = os.path.realpath(self.root)
+        self._inside_cache = {}
         for entry in offer.entries:
             problem = name_problem(entry.path)
+            if problem is None and self.windows_names:
+                problem = windows_problem(entry.path)
             if problem:
                 raise DestinationError(f"refusing the name {shown(entry.path)}: it {problem}")
+        self._refuse_collisions(offer.entries)
         self._local_top = self._choose_top_names(offer.entries)
         self._resuming = resume and self.supports_resume
         self._resume_state = self._find_resumable(offer) if self._resuming else {}
         planned: dict[str, Path] = {}
         for entry in offer.entries:
             planned[entry.path] = self._check_entry(entry)
+        self._inside_cache = {}  # from here on, containment is checked afresh before each write
         free = shutil.disk_usage(self.root).free
         if offer.total_bytes > free:
             raise DestinationError(
@@ -445,7 +273,7 @@ class Destination:
         journal's header."""
         final = self._target(entry.path)
         key = journal_key(entry.path, entry.size, entry.file_id)
-        base = _cut_name(final.name)
+        base = cut_name(final.name)
         header = {"path": entry.path, "size": entry.size, "id": entry.file_id, "chunk": RESUME_CHUNK}
         return final.with_name(f"{base}.{key}{PART_SUFFIX}"), final.with_name(f"{base}.{key}{JOURNAL_SUFFIX}"), header
 
@@ -485,22 +313,53 @@ class Destination:
         }
 
     def _remove_stale(self, entry: OfferEntry, keep: Path) -> None:
-        """Remove what attempts at *other* versions of this file left beside it: the source
-        changed since, so their bytes can never be resumed."""
+        """Remove what attempts at *other* versions of this very file left beside it: the
+        source changed since, so their bytes can never be resumed.
+
+        A leftover is removed only when its journal names this offered path and its key is
+        that journal's own: what other names left (another transfer's partial files, or a
+        long name cut to the same first bytes) is never touched, whatever the sender offers.
+        """
         final = self._planned[entry.path]
-        pattern = re.compile(re.escape(_cut_name(final.name)) + r"\.([0-9a-f]{16})\.peer-(part|journal)")
         own_key = keep.name[: -len(PART_SUFFIX)].rsplit(".", 1)[1]
-        try:
-            names = os.listdir(final.parent)
-        except OSError:
-            return
-        for name in names:
-            match = pattern.fullmatch(name)
-            if match and match[1] != own_key:
+        base = cut_name(final.name)
+        for key in self._leftover_keys(final.parent, base):
+            if key == own_key:
+                continue
+            journal = final.with_name(f"{base}.{key}{JOURNAL_SUFFIX}")
+            header = _journal_header(journal)
+            try:
+                proven = header["path"] == entry.path and journal_key(header["path"], header["size"], header["id"]) == key
+            except (KeyError, TypeError):
+                proven = False
+            if not proven:
+                continue
+            for leftover in (final.with_name(f"{base}.{key}{PART_SUFFIX}"), journal):
                 try:
-                    os.unlink(final.parent / name)
+                    os.unlink(leftover)
                 except OSError:
                     pass
+
+    def _leftover_keys(self, directory: Path, base: str) -> list[str]:
+        """The keys of the partial files and journals named ``base.<key>...`` in `directory`,
+        which is listed once per transfer (not once per file: 20,000 files in one directory
+        would make that quadratic)."""
+        found = self._leftovers.get(directory)
+        if found is None:
+            found = self._leftovers[directory] = {}
+            try:
+                with os.scandir(directory) as items:
+                    for item in items:
+                        for suffix in (PART_SUFFIX, JOURNAL_SUFFIX):
+                            if item.name.endswith(suffix):
+                                stem, dot, key = item.name[: -len(suffix)].rpartition(".")
+                                if dot and _KEY.fullmatch(key):
+                                    keys = found.setdefault(stem, [])
+                                    if key not in keys:
+                                        keys.append(key)
+            except OSError:
+                pass
+        return found.get(base, [])
 
     def _open_resumable(self, entry: OfferEntry, final: Path) -> PartFile:
         part_path, journal_path, header = self._resume_paths(entry)
@@ -543,26 +402,67 @@ class Destination:
 
     # --- planning, continued ----------------------------------------------------------
 
-    def _choose_top_names(self, entries) -> dict[str, str]:
-        tops = [entry.path for entry in entries if "/" not in entry.path]
-        if not self.rename:
-            return {name: name for name in tops}
-        offered = set(tops)
-        chosen: dict[str, str] = {}
+    def case_insensitive(self) -> bool:
+        """Whether the destination's file system ignores case, probed on a name it holds.
+
+        The root's own name is looked up in its parent, perhaps another file system, so a
+        name inside the root is preferred; an empty root falls back to the root's name.
+        """
+        if self._case_insensitive is None:
+            self._case_insensitive = False
+            try:
+                with os.scandir(self.root) as names:
+                    probes = [self.root / item.name for item in names if item.name.swapcase() != item.name]
+                    probes = probes[:1]
+            except OSError:
+                probes = []
+            if not probes:
+                real = Path(os.path.realpath(self.root))
+                probes = [real] if real.name.swapcase() != real.name else []
+            for probe in probes:
+                try:
+                    one = os.stat(probe, follow_symlinks=False)
+                    other = os.stat(probe.with_name(probe.name.swapcase()), follow_symlinks=False)
+                except OSError:
+                    continue
+                self._case_insensitive = (one.st_dev, one.st_ino) == (other.st_dev, other.st_ino)
+        return self._case_insensitive
+
+    def _refuse_collisions(self, entries) -> None:
+        """Two offered paths this file system takes for one: the second would overwrite, or
+        merge into, the first. (Unicode spellings are refused by Offer already.)"""
+        if not self.case_insensitive():
+            return
+        seen: dict[str, str] = {}
         for entry in entries:
-            if "/" in entry.path:
-                continue
-            taken = offered | set(chosen.values())
+            key = same_name_key(entry.path).casefold()
+            other = seen.setdefault(key, entry.path)
+            if other != entry.path:
+                raise DestinationError(
+                    f"refusing {shown(entry.path)}: it and {shown(other)} differ only in case, "
+                    f"which {self.root} ignores"
+                )
+
+    def _choose_top_names(self, entries) -> dict[str, str]:
+        """Offered top-level name -> the name it gets here; linear in the offer."""
+        tops = [entry for entry in entries if "/" not in entry.path]
+        self._taken_tops = {entry.path for entry in tops}
+        if not self.rename:
+            return {entry.path: entry.path for entry in tops}
+        chosen: dict[str, str] = {}
+        for entry in tops:
             name = entry.path
             if os.path.lexists(self.root / name):
-                name = self._free_name(entry.path, entry.is_directory, taken - {entry.path})
+                name = self._free_name(entry.path, entry.is_directory)
             chosen[entry.path] = name
         return chosen
 
-    def _free_name(self, name: str, directory: bool, taken: set[str]) -> str:
+    def _free_name(self, name: str, directory: bool) -> str:
+        """The first numbered variant of `name` free here and not offered; it is taken."""
         for number in range(1, MAX_RENAME_TRIES + 1):
             candidate = numbered_name(name, number, directory=directory)
-            if candidate not in taken and not os.path.lexists(self.root / candidate):
+            if candidate not in self._taken_tops and not os.path.lexists(self.root / candidate):
+                self._taken_tops.add(candidate)
                 return candidate
         raise DestinationError(f"cannot find a free name for {name} in {self.root}")
 
@@ -575,18 +475,30 @@ class Destination:
         real = os.path.realpath(path)
         return os.path.commonpath([self._real_root, real]) == self._real_root
 
+    def _inside_once(self, path: Path) -> bool:
+        """`_inside` while planning: each directory is resolved once, so a large offer costs
+        one lookup per directory, not one per file (writes check afresh)."""
+        known = self._inside_cache.get(path)
+        if known is None:
+            known = self._inside_cache[path] = self._inside(path)
+        return known
+
     def _check_entry(self, entry: OfferEntry) -> Path:
-        problem = name_problem(entry.path)
-        if problem:
-            raise DestinationError(f"refusing the name {shown(entry.path)}: it {problem}")
+        """Where `entry` goes; its name was checked already (`plan`)."""
         target = self._target(entry.path)
         # For a file only its directory is resolved: the file itself, even a symlink,
         # is replaced, never written through.
-        if not self._inside(target if entry.is_directory else target.parent):
+        if not self._inside_once(target if entry.is_directory else target.parent):
             raise DestinationError(f"refusing {entry.path}: it would be written outside {self.root}")
         if entry.is_directory:
-            if os.path.lexists(target) and not target.is_dir():
-                raise DestinationError(f"cannot create the directory {entry.path}: a file of that name exists")
+            if os.path.lexists(target):
+                if not target.is_dir():
+                    raise DestinationError(f"cannot create the directory {entry.path}: a file of that name exists")
+                if "/" not in entry.path and not self.merge:
+                    raise DestinationError(
+                        f"{entry.path} already exists in {self.root}; not writing into it "
+                        "(--merge adds to it, --rename saves beside it)"
+                    )
             return target
         if target.is_dir():
             raise DestinationError(f"cannot write {entry.path}: a directory of that name exists")
@@ -635,7 +547,6 @@ class Destination:
         entry = self._entries.get(top)
         if not self.rename or entry is None or not entry.is_directory or top in self._claimed_tops:
             return
-        taken = set(self._entries_top_names()) | set(self._local_top.values())
         for _ in range(MAX_RENAME_TRIES):
             target = self.root / self._local_top[top]
             if not self._inside(target.parent):
@@ -643,8 +554,7 @@ class Destination:
             try:
                 os.mkdir(target)
             except FileExistsError:
-                self._local_top[top] = self._free_name(top, True, taken)
-                taken.add(self._local_top[top])
+                self._local_top[top] = self._free_name(top, True)
                 self._replan(top)
                 continue
             except OSError as exc:
@@ -654,9 +564,6 @@ class Destination:
             self._claimed_tops.add(top)
             return
         raise DestinationError(f"cannot find a free name for {top} in {self.root}")
-
-    def _entries_top_names(self) -> list[str]:
-        return [path for path in self._entries if "/" not in path]
 
     def _replan(self, top: str) -> None:
         for path in self._planned:
@@ -677,7 +584,7 @@ class Destination:
             handle = self._open_resumable(entry, final)
             self._open[entry.path] = handle
             return handle
-        part = final.with_name(_part_name(final.name))
+        part = final.with_name(part_name(final.name))
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _CLOEXEC | _NOFOLLOW | _BINARY
         try:
             fd = os.open(part, flags, 0o600)
@@ -710,7 +617,8 @@ class Destination:
                 raise DestinationError(f"{entry.path}: received {part.written} of {entry.size} bytes")
             if not hmac.compare_digest(part.digest(), bytes(digest)):
                 raise IntegrityError(f"{entry.path} arrived corrupted (its hash does not match); discarded")
-            part._flush_and_close((0o777 if entry.executable else 0o666) & ~self._umask)
+            executable = entry.executable and self.keep_modes
+            part._flush_and_close((0o777 if executable else 0o666) & ~self._umask)
             self._place(part)
         except BaseException:
             part.discard()
@@ -742,13 +650,12 @@ class Destination:
                 return
             renaming = self.rename and "/" not in name
             for _ in range(MAX_RENAME_TRIES if renaming else 1):
-                if _link_or_rename(part.part_path, part.final_path):
+                if link_or_rename(part.part_path, part.final_path):
                     return
                 if not renaming:
                     break
                 # --rename: the name was taken since planning; take the next free one.
-                taken = set(self._entries_top_names()) | set(self._local_top.values())
-                self._local_top[name] = self._free_name(name, False, taken)
+                self._local_top[name] = self._free_name(name, False)
                 part.final_path = self._planned[name] = self._target(name)
         except OSError as exc:
             raise DestinationError(f"cannot move {name} into place: {os_reason(exc)}") from None
@@ -817,38 +724,6 @@ class Destination:
             except OSError:
                 pass  # not empty: it holds committed files, or things that were already there
         self._created.clear()
-
-
-class StreamPart:
-    """The one file of a `StreamDestination`, written straight to its descriptor and hashed."""
-
-    def __init__(self, entry: OfferEntry, fd: int, display: str) -> None:
-        self.entry = entry
-        self.written = 0
-        self._fd = fd
-        self._display = display
-        self._hasher = blake3.blake3()
-
-    def write(self, data: bytes | memoryview) -> None:
-        if self.entry.size is not None and self.written + len(data) > self.entry.size:
-            raise DestinationError(f"{self.entry.path}: more data than the offered {self.entry.size} bytes")
-        problem = None
-        try:
-            with memoryview(data) as whole:
-                done = 0
-                while done < len(whole):
-                    done += os.write(self._fd, whole[done:])
-        except BrokenPipeError:
-            problem = "it was closed by the program reading it"
-        except OSError as exc:
-            problem = os_reason(exc)
-        if problem is not None:
-            raise DestinationError(f"cannot write to {self._display}: {problem}")
-        self._hasher.update(data)
-        self.written += len(data)
-
-    def digest(self) -> bytes:
-        return self._hasher.digest()
 
 
 class StreamDestination:

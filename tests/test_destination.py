@@ -13,7 +13,8 @@ import blake3
 import pytest
 
 from peer import destination as destination_module
-from peer.destination import PART_SUFFIX, Destination, DestinationError, IntegrityError
+from peer.destination import Destination, DestinationError, IntegrityError
+from peer.partfile import PART_SUFFIX
 from peer.transfer import DIRECTORY, FILE, Offer, OfferEntry, ProtocolError
 
 HOSTILE = ["../x", "/etc/passwd", "a/../../b", "..", "C:\\x", "a\\..\\b", "a\0b", "c:x", "./a", "a/./b", "", "a//b"]
@@ -76,8 +77,8 @@ def test_symlink_escape_is_rejected(tmp_path):
         destination.plan(offer)
     with pytest.raises(DestinationError, match="outside"):
         destination.plan(Offer([dir_entry("link")]))
-    # A symlink that stays inside the destination is just a directory.
-    paths = destination.plan(Offer([dir_entry("alias"), file_entry("alias/y", 1)]))
+    # A symlink that stays inside the destination is just a directory (to merge into).
+    paths = Destination(root, merge=True).plan(Offer([dir_entry("alias"), file_entry("alias/y", 1)]))
     assert paths == [root / "alias", root / "alias" / "y"]
     assert os.listdir(outside) == []
 
@@ -130,8 +131,10 @@ def test_kind_conflicts(tmp_path):
         Destination(tmp_path, overwrite=True).plan(Offer([file_entry("d", 1)]))
     with pytest.raises(DestinationError, match="a file of that name exists"):
         Destination(tmp_path, overwrite=True).plan(Offer([dir_entry("f"), file_entry("f/x", 1)]))
-    # An existing directory is merged into.
-    Destination(tmp_path).plan(Offer([dir_entry("d"), file_entry("d/new", 1)]))
+    # An existing directory is merged into only when asked (--merge, or --overwrite).
+    with pytest.raises(DestinationError, match="d already exists.*--merge"):
+        Destination(tmp_path).plan(Offer([dir_entry("d"), file_entry("d/new", 1)]))
+    Destination(tmp_path, merge=True).plan(Offer([dir_entry("d"), file_entry("d/new", 1)]))
 
 
 def test_final_name_appears_only_after_commit(tmp_path):
@@ -195,7 +198,7 @@ def test_abort_removes_parts_and_new_empty_directories_but_keeps_committed_files
             file_entry("new/deep/partial", 5),
         ]
     )
-    destination = Destination(tmp_path)
+    destination = Destination(tmp_path, merge=True)
     destination.plan(offer)
     receive(destination, offer.entries[1], b"ok")
     part = destination.open_part(offer.entries[4])
@@ -278,9 +281,9 @@ def test_missing_destination(tmp_path):
         Destination(tmp_path / "file").plan(Offer([file_entry("a")]))
 
 
-def test_modes_follow_the_offer_and_the_umask(tmp_path):
+def test_modes_follow_the_offer_and_the_umask_with_keep_modes(tmp_path):
     offer = Offer([file_entry("run", 2, True), file_entry("data", 2)])
-    destination = Destination(tmp_path)
+    destination = Destination(tmp_path, keep_modes=True)
     destination.plan(offer)
     receive(destination, offer.entries[0], b"#!")
     receive(destination, offer.entries[1], b"{}")
