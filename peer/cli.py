@@ -140,6 +140,17 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="save an item whose name exists under the first free name instead, e.g. 'notes (1).txt'",
     )
+    recv.add_argument(
+        "--merge",
+        action="store_true",
+        help="write into offered top-level directories that exist already (existing files there "
+        "are still refused unless --overwrite, which implies --merge)",
+    )
+    recv.add_argument(
+        "--keep-modes",
+        action="store_true",
+        help="keep the sender's executable bits (by default no received file is executable)",
+    )
     recv.add_argument("code", nargs="?", help=f"the code the sender printed (asked for if absent, or ${PASSWORD_ENV})")
     return parser
 
@@ -173,8 +184,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "send" and "-" in args.paths and len(args.paths) > 1:
         print("peer: - (standard input) must be the only path", file=sys.stderr)
         return 2
-    if args.command == "recv" and args.stdout and (args.output or args.overwrite or args.rename):
-        print("peer: --stdout writes no file: -o, --overwrite and --rename do not apply", file=sys.stderr)
+    if args.command == "recv" and args.merge and args.rename:
+        print("peer: --merge writes into an existing directory, --rename saves beside it: choose one",
+              file=sys.stderr)
+        return 2
+    if args.command == "recv" and args.stdout and (
+        args.output or args.overwrite or args.rename or args.merge or args.keep_modes
+    ):
+        print("peer: --stdout writes no file: -o, --overwrite, --rename, --merge and --keep-modes do not apply",
+              file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.ERROR, format="peer: %(message)s")
     keep_freed_memory()
@@ -421,7 +439,8 @@ async def _recv(args, console: Console) -> int:
     try:
         output.mkdir(parents=True, exist_ok=True)
         destination = Destination(
-            output, overwrite=args.overwrite, rename=args.rename, resume=not args.no_resume
+            output, overwrite=args.overwrite, rename=args.rename, merge=args.merge,
+            keep_modes=args.keep_modes, resume=not args.no_resume,
         )
     except (OSError, DestinationError) as error:
         raise Failure(f"cannot use {output} as the destination: {getattr(error, 'strerror', None) or error}") from None
@@ -469,6 +488,8 @@ async def _receive_into(address, password, destination, args, console: Console) 
 
     async def decide(offer: transfer.Offer) -> bool:
         console.info(f"{partner} offers {offer.summary()} (verification {check})")
+        for line in offer.listing():
+            console.info(line)
         if console.assume_yes:
             return True
         return await console.ask("Accept?")
@@ -491,6 +512,8 @@ async def _receive_into(address, password, destination, args, console: Console) 
 
     def announce(offer: transfer.Offer) -> None:
         console.info(f"{partner} sends {offer.summary()}")
+        for line in offer.listing():
+            console.info(line)
 
     try:
         if bob:
