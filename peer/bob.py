@@ -14,6 +14,7 @@ a sender can learn, and we say so instead of claiming a confirmation.
 from __future__ import annotations
 
 import os
+import shutil
 from typing import Awaitable, Callable, Iterator
 
 import trio
@@ -31,6 +32,8 @@ LEVEL = 0
 """zlib level for what we send to bob: stored blocks. Level 4 (bob's) deflates at ~44 MiB/s
 here, far below the link; bob's receiver accepts any level."""
 READ_STEP = 1024 * 1024
+_NO_ROOT_SPOOL = 1024 * 1024
+"""A destination without a directory (--stdout) spools at most this much, in memory."""
 
 Announce = Callable[[transfer.Offer], None]
 MakeProgress = Callable[[transfer.Offer], Progress]
@@ -50,10 +53,17 @@ async def receive_pack(
 ) -> transfer.Offer:
     """Read bob's pack to its verified trailer, put every file in place, return what arrived.
 
-    A single file is written as it inflates and renamed only once the trailer matched; a
-    directory is verified whole (the reader spools it) before the first file is written.
+    Nothing is inflated to disk before `decide` says yes (issue 16). A single file is
+    asked about at its blob's header, then written as it inflates (never past its
+    declared size) and renamed only once the trailer matched. A directory waits,
+    compressed, in a hidden spool inside the destination until its trailer; its offer
+    is shown and checked against the free space, and only once accepted are its objects
+    inflated (each to its declared size) and its files written. The spools go with the
+    reader on every path.
     """
-    reader = pack.PackReader()
+    root = getattr(destination, "root", None)
+    spool_limit = _free_space(root) if root is not None else _NO_ROOT_SPOOL
+    reader = pack.PackReader(temp_dir=root, spool_limit=spool_limit)
     progress: Progress | None = None
     part = None
     offer: transfer.Offer | None = None
@@ -73,6 +83,8 @@ async def receive_pack(
                     if isinstance(event, (pack.SingleFile, pack.Directory)):
                         offer = reader.offer()
                         destination.plan(offer)
+                        if isinstance(event, pack.Directory):
+                            _check_room(root, reader)
                         announce(offer)
                         if decide is not None and not await decide(offer):
                             raise TransferFailed("declined")
@@ -94,6 +106,8 @@ async def receive_pack(
                             destination.commit(part, part.digest())
                             part = None
                         destination.finish()
+                if root is None and reader.is_directory:
+                    raise TransferFailed("the sender sends a directory, and this receiver takes a single file")
             return offer
     except pack.PackError as error:
         raise TransferFailed(f"bob's stream is not valid: {error}") from None
@@ -105,6 +119,24 @@ async def receive_pack(
         reader.close()
         if progress is not None:
             progress.close()
+
+
+def _free_space(root) -> int:
+    try:
+        return shutil.disk_usage(root).free
+    except OSError as exc:
+        raise TransferFailed(f"cannot use {root} as the destination: {transfer.os_reason(exc)}") from None
+
+
+def _check_room(root, reader: pack.PackReader) -> None:
+    """A directory needs room for its inflated objects and its files besides the spool."""
+    needed = reader.unpacked_size + reader.most_bytes
+    free = _free_space(root)
+    if needed > free:
+        raise TransferFailed(
+            f"not enough space in {root}: unpacking bob's directory needs up to "
+            f"{transfer.format_size(needed)}, {transfer.format_size(free)} free"
+        )
 
 
 async def _extract(reader: pack.PackReader, destination: Destination, entry: pack.TreeEntry, progress) -> None:

@@ -796,17 +796,34 @@ def test_no_root_object():
     expect_error(build(entry(TREE, b""), entry(BLOB, b"x")), "root object")
 
 
-def test_zip_bomb_is_stopped_by_the_budget():
-    limits = PackLimits(expansion_floor=100_000, max_expansion=10)
-    expect_error(directory_of((b"zeros", bytes(2_000_000))), "more than its size allows", limits=limits)
+def test_zip_bomb_is_held_to_its_declared_size():
     small = PackLimits(max_object_size=1000)
     expect_error(directory_of((b"zeros", bytes(2_000_000))), "over the 1000-byte limit", limits=small)
+    zeros = zlib.compress(bytes(2_000_000))
+    lying = rooted(tree((b"100644", b"f", git_id("blob", bytes(1000)))), header(BLOB, 1000) + zeros)
+    expect_error(lying, "inflates to more than its declared 1000 bytes")
 
 
-def test_delta_bomb_is_stopped_by_the_budget():
-    limits = PackLimits(expansion_floor=100_000, max_expansion=10)
+def test_deltas_past_the_identification_budget_show_no_size_until_extracted():
     many_copies = delta(11, 11 * 20_000, *([copy(0, 11)] * 20_000))
-    expect_error(delta_directory(many_copies), "expand the pack past", limits=limits)
+    data = delta_directory(many_copies)
+    with PackReader(limits=PackLimits(max_identified=100_000)) as reader:
+        reader.feed(data)
+        directory = reader.next_event()
+        assert isinstance(directory, Directory)
+        sizes = [entry.size for entry in reader.offer().files]
+        assert None in sizes and reader.most_bytes >= 11 * 20_000
+        assert reader.spooled == len(data) - 20  # nothing inflated: the pack as it came
+        rest = []
+        while (event := reader.next_event()) is not None:
+            rest.append(event)
+            if isinstance(event, TreeEntry) and event.size == 11 * 20_000:
+                assert b"".join(reader.iter_blob(event.id)) == b"hello world" * 20_000
+    assert isinstance(rest[-1], PackEnd)
+    assert sorted(e.size for e in rest[:-1] if e.kind == "file") == sorted(s or 11 * 20_000 for s in sizes)
+    # Within the budget (the default), the same delta is identified before the decision.
+    events, _ = decode(data)
+    assert events[0].total_size == sum(e.size for e in events[1:-1] if e.kind == "file")
 
 
 def test_tree_bomb_is_stopped():
@@ -821,8 +838,7 @@ def test_tree_bomb_is_stopped():
     data = rooted(trees[-1], *(entry(TREE, t) for t in trees[:-1]), entry(BLOB, content))
     assert len(data) < 2000
     expect_error(data, "over 10000 entries", limits=PackLimits(max_entries=10_000))
-    tight = PackLimits(expansion_floor=20_000, max_expansion=1)
-    expect_error(data, "files add up to over 20000 bytes, too much", limits=tight)
+    expect_error(data, "trees hold over 5000 bytes", limits=PackLimits(max_described=5000))
     expect_error(data, "trees down to", limits=PackLimits(max_tree_size=3000))
 
 
@@ -849,7 +865,7 @@ def test_spool_file_is_gone_after_close(tmp_path):
     while (event := reader.next_event()) is not None:
         events.append(event)
     assert isinstance(events[-1], PackEnd)
-    assert len(spool_fds(tmp_path)) == 1
+    assert len(spool_fds(tmp_path)) == 2  # the pack as it came, then inflated
     reader.close()
     assert spool_fds(tmp_path) == [] and os.listdir(tmp_path) == []
     with pytest.raises(RuntimeError):
@@ -893,9 +909,11 @@ def test_iter_blob_refuses_unknown_ids():
         reader.feed(data)
         event = reader.next_event()
         assert isinstance(event, Directory)
+        with pytest.raises(RuntimeError):
+            reader.iter_blob(b"\x00" * 20)  # nothing is inflated before the decision
+        tree_entry = reader.next_event()
         with pytest.raises(KeyError):
             reader.iter_blob(b"\x00" * 20)
-        tree_entry = reader.next_event()
         assert b"".join(reader.iter_blob(tree_entry.id)) == b"content"
 
 
