@@ -64,16 +64,17 @@ def finish(objects: list[bytes]) -> bytes:
     return data + hashlib.sha1(data).digest()
 
 
-def delta_bomb(result_size: int, declared: int | None = None) -> bytes:
+def delta_bomb(result_size: int, declared: int | None = None, named: bool = True) -> bytes:
     """A directory whose one file is a delta: 64 KiB of zeros copied result_size / 64 KiB times.
 
     `declared` (default: the truth) is the result size the delta's header announces.
+    With `named` false the tree names the 64 KiB base instead, and no tree names the delta.
     """
     base = bytes(0x10000)
     copies = result_size // 0x10000
     declared = result_size if declared is None else declared
     instructions = varint(len(base)) + varint(declared) + b"\x80" * copies  # 0x80: copy 64 KiB from 0
-    tree = b"100644 big\0" + zeros_id(b"blob", result_size)
+    tree = b"100644 big\0" + (zeros_id(b"blob", result_size) if named else git_id(b"blob", base))
     objects = [header(COMMIT, 0), header(TREE, len(tree)) + zlib.compress(tree, 9)]
     root = b"bomb\0" + git_id(b"tree", tree) + b"3"
     objects[0] = header(COMMIT, len(root)) + zlib.compress(root, 9)
@@ -213,3 +214,34 @@ def test_a_single_file_is_asked_about_before_its_blob_inflates_and_stops_at_its_
         receive(data, out, decide)
     assert asked == [(1000, asked[0][1])] and asked[0][1] < SMALL
     assert leftovers(out, tmp) == []
+
+
+def test_accepting_inflates_only_what_the_offer_names(places):
+    """An object no tree names (here a 1 GiB delta in 244 bytes) is never inflated."""
+    out, tmp = places
+    data = delta_bomb(1 << 30, named=False)
+    assert len(data) < 300
+    peak = []
+
+    class Progress:
+        def advance(self, count):
+            peak.append(held_bytes(out, tmp))
+
+        def close(self):
+            pass
+
+    async def decide(offer):
+        peak.append(held_bytes(out, tmp))
+        return offer.total_bytes == 0x10000
+
+    async def main():
+        return await bob.receive_pack(
+            Records(data), Destination(out), announce=lambda offer: None, decide=decide,
+            make_progress=lambda offer: Progress(),
+        )
+
+    offer = trio.run(main)
+    assert offer.total_bytes == 0x10000
+    assert (out / "bomb" / "big").read_bytes() == bytes(0x10000)
+    assert peak and max(peak) < SMALL
+    assert leftovers(tmp) == []

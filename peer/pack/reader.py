@@ -191,6 +191,7 @@ class PackReader:
         self._held_bytes = 0
         self._entries: list[TreeEntry] = []
         self._unpacked = 0
+        self._needed: list[int] = []
         self._store: _ObjectStore | None = None
         self._spool: _Spool | None = None
         self._events: Iterator[PackEvent] | None = None
@@ -678,10 +679,46 @@ class PackReader:
             raise PackError(f"the file {shown(path)} has no blob {object_id.hex()} in the pack")
 
         self._entries = list(self._walk(tree_of, blob_size))
+        self._needed = self._needed_objects()
+        self._unpacked = sum(map(self._unpacked_size_of, self._needed))
         files = [entry for entry in self._entries if entry.kind == FILE]
         total = sum(entry.size or 0 for entry in files)
         self._state = _State.DESCRIBED
         return Directory(self._root_name, len(self._entries), len(files), total)
+
+    def _unpacked_size_of(self, index: int) -> int:
+        """What extraction stores for one object: its content, and for a delta what it builds."""
+        described = self._described
+        size = described.sizes[index]
+        if _pack_kind(described, index) in _DELTAS:
+            built = described.results.get(index)
+            size += len(described.held[index]) if built is None else built
+        return size
+
+    def _needed_objects(self) -> list[int]:
+        """The objects the offer needs, ascending: what extraction inflates, and nothing else.
+
+        The trees, the root and the objects of every file the trees name, each with the
+        chain of bases its deltas stand on. An object no tree names is never inflated:
+        unless some file's size is unknown (a delta not identified), then all are.
+        """
+        described = self._described
+        if any(entry.kind == FILE and entry.size is None for entry in self._entries):
+            return list(range(len(described)))
+        needed = set(described.held)
+        for entry in self._entries:
+            if entry.kind != FILE:
+                continue
+            index = described.find(entry.id)
+            while index is not None and index not in needed:
+                needed.add(index)
+                if described.bases[index] >= 0:
+                    index = described.bases[index]
+                elif index in described.ref_bases:
+                    index = described.find(described.ref_bases[index])
+                else:
+                    index = None
+        return sorted(needed)
 
     def _parse_root(self, content: bytes) -> None:
         if len(content) > _MAX_ROOT_SIZE:
@@ -702,9 +739,11 @@ class PackReader:
         described, budget = self._described, self._unpacked
         self._spool = _Spool(self._limits.memory_spool, self._temp_dir)
         store = self._store = _ObjectStore(self._spool, self._limits)
-        for index in range(len(described)):
+        positions: dict[int, int] = {}  # an object's index in the pack -> in the store
+        for index in self._needed:
             self._index = index
-            self._inflate_spooled(store, index, budget)
+            positions[index] = len(store)
+            self._inflate_spooled(store, index, positions, budget)
         described.held.clear()
         described.held_ids.clear()
         store.resolve(budget)
@@ -736,11 +775,13 @@ class PackReader:
             raise PackError("the directory holds less than the offer described")
         yield PackEnd()
 
-    def _inflate_spooled(self, store: _ObjectStore, index: int, budget: int) -> None:
+    def _inflate_spooled(self, store: _ObjectStore, index: int, positions: dict[int, int], budget: int) -> None:
         """One object from the compressed spool into the store: exactly its declared size."""
         described = self._described
-        base_id = described.ref_bases.get(index)
-        store.begin(described.offsets[index], _pack_kind(described, index), described.sizes[index], described.bases[index], base_id)
+        base = described.bases[index]
+        base = positions[base] if base >= 0 else -1
+        kind = _pack_kind(described, index)
+        store.begin(described.offsets[index], kind, described.sizes[index], base, described.ref_bases.get(index))
         for piece in self._spooled_pieces(index):
             store.write(piece)
             if store.spool.size > budget:
