@@ -410,12 +410,15 @@ class Destination:
         """
         if self._case_insensitive is None:
             self._case_insensitive = False
+            probes = []
             try:
                 with os.scandir(self.root) as names:
-                    probes = [self.root / item.name for item in names if item.name.swapcase() != item.name]
-                    probes = probes[:1]
+                    for item in names:
+                        if item.name.swapcase() != item.name:
+                            probes.append(self.root / item.name)
+                            break
             except OSError:
-                probes = []
+                pass
             if not probes:
                 real = Path(os.path.realpath(self.root))
                 probes = [real] if real.name.swapcase() != real.name else []

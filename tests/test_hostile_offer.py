@@ -201,6 +201,20 @@ def test_names_equal_but_for_case_are_refused_on_a_case_insensitive_destination(
     Destination(tmp_path, case_insensitive=False).plan(offer)
 
 
+def test_a_case_insensitive_destination_is_recognised(tmp_path, monkeypatch):
+    (tmp_path / "Notes").write_text("x")
+    assert Destination(tmp_path).case_insensitive() is False  # this machine's tmp
+    real_stat = os.stat
+
+    def folding_stat(path, *args, **kwargs):  # as a case-insensitive file system answers
+        return real_stat(tmp_path / "Notes" if Path(path).name == "nOTES" else path, *args, **kwargs)
+
+    monkeypatch.setattr("peer.destination.os.stat", folding_stat)
+    assert Destination(tmp_path).case_insensitive() is True
+    with pytest.raises(DestinationError, match="differ only in case"):
+        Destination(tmp_path).plan(Offer([file_entry("A.txt", 1), file_entry("a.txt", 1)]))
+
+
 @pytest.mark.parametrize("name", ["CON", "aux.txt", "nul", "COM1.log", "data:b", "notes.txt:stream", "x.", "x ",
                                   "d/lpt1", "d/y."])
 def test_windows_hostile_names_are_refused_where_they_mean_something_else(tmp_path, name):
