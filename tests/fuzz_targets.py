@@ -24,6 +24,12 @@ The properties, per decoder:
   offered, the same through the decompression path.
 - ``peer.compression.inflate_frame`` (a hostile sender's zstd frames): only CompressionError,
   and never more bytes out than the frame may declare (a decompression bomb is refused).
+- ``peer.pack.PackReader`` (bob's PACK from a stranger, driven like peer/bob.py): only
+  PackError; before the decision nothing spooled but the bytes received; after it never
+  more inflated than the headers declared, and exactly the entries the offer showed, each
+  file its shown size (or an unknown one); a single file never past its declared size; the
+  same events and verdict however the stream is split; nothing left after close; a failed
+  reader stays failed.
 - ``relay.frames.FrameReader`` (WebSocket frames from a stranger, after the upgrade): only
   FrameError, with a Close code a Close frame may carry; the same messages, control frames
   and verdict however the stream is split; never more than one frame header and a control
@@ -33,14 +39,17 @@ The properties, per decoder:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import struct
+import zlib
 from typing import Iterable, Sequence
 
+import attrs
 import blake3
 
-from peer import transfer
+from peer import pack, transfer
 from peer.records import CLOSE, CLOSED, MAX_RECORD_SIZE, Opener, RecordError, Sealer
 from relay import frames, wire
 
@@ -589,12 +598,162 @@ def frame_seeds() -> list[bytes]:
     return seeds
 
 
+# --- peer.pack.PackReader (bob's PACK from a stranger) --------------------------------------
+
+PACK_LIMITS = pack.PackLimits(
+    max_objects=1000, max_object_size=1 << 20, max_described=1 << 16, max_identified=1 << 18,
+    max_entries=1000, memory_spool=1 << 20,
+)
+"""Small bounds, so that a mutated size field costs little."""
+PACK_LIMITS_NO_IDENTIFYING = attrs.evolve(PACK_LIMITS, max_identified=0)
+"""Every delta's file keeps an unknown size until extracted (the other path of the offer)."""
+
+
+def _read_pack(pieces: Sequence[bytes], decline: bool, limits) -> tuple[list, str | None]:
+    """Drive a PackReader as peer/bob.py does, checking each step; return (events, verdict)."""
+    reader = pack.PackReader(limits=limits, spool_limit=1 << 22)
+    events: list = []
+    fed = raw = streamed = 0
+    single_size = None
+    shown: list = []
+    try:
+        for piece in pieces:
+            reader.feed(piece)
+            fed += len(piece)
+            while (event := reader.next_event()) is not None:
+                if isinstance(event, pack.SingleFile):
+                    assert not events, "the single file's header came after other events"
+                    single_size = event.size
+                    assert reader.offer().total_bytes == event.size
+                    events.append(("file", event.name, event.size))
+                elif isinstance(event, pack.FileData):
+                    streamed += len(event.data)
+                    assert single_size is not None and streamed <= single_size, "inflated past its size"
+                elif isinstance(event, pack.Directory):
+                    # Described: nothing is stored but the pack as it came, before the decision.
+                    assert reader.spooled <= fed, f"{reader.spooled} bytes spooled from {fed} received"
+                    offer = reader.offer()
+                    assert event.total_size == offer.total_bytes
+                    shown = list(offer.entries[1:])
+                    events.append(("dir", event.name, event.entry_count, event.total_size))
+                    if decline:
+                        return events, "declined"
+                    raw = reader.spooled
+                elif isinstance(event, pack.TreeEntry):
+                    # Extracting: within what the headers declared, and exactly what was shown.
+                    assert reader.spooled - raw <= reader.unpacked_size
+                    promised = shown.pop(0)
+                    assert (promised.path, promised.kind) == (event.path, event.kind)
+                    if event.kind == transfer.FILE:
+                        assert promised.size in (None, event.size)
+                        assert sum(len(piece) for piece in reader.iter_blob(event.id)) == event.size
+                    events.append(("entry", event.path, event.size))
+                elif isinstance(event, pack.PackEnd):
+                    assert not shown, "the offer showed entries that never came"
+                    if single_size is not None:
+                        assert streamed == single_size, "a single file ended short of its size"
+                    events.append(("end",))
+        reader.eof()
+        assert events and events[-1] == ("end",), "the stream ended before PackEnd without an error"
+        return events, None
+    except pack.PackError as error:
+        verdict = str(error)
+        assert "\n" not in verdict
+        try:
+            reader.next_event()
+        except pack.PackError as again:
+            assert str(again) == verdict, "a failed reader changed its verdict"
+        else:
+            raise AssertionError("a failed reader gave another event")
+        return events, verdict
+    finally:
+        reader.close()
+        assert reader.spooled == 0, "close() left a spool behind"
+
+
+def check_pack(stream: bytes, cuts: Sequence[int], decline: bool, identify: bool = True) -> None:
+    """The pack reader on ``stream``, whole and cut at ``cuts``: see the module docstring."""
+    limits = PACK_LIMITS if identify else PACK_LIMITS_NO_IDENTIFYING
+    whole, whole_verdict = _read_pack([stream], decline, limits)
+    split, split_verdict = _read_pack(split_at(stream, cuts), decline, limits)
+    assert (whole_verdict is None) == (split_verdict is None), "the verdict depends on the cuts"
+    if whole_verdict is None or whole_verdict == "declined":
+        assert whole == split, "the events depend on how the stream is cut"
+
+
+def with_trailer(stream: bytes) -> bytes:
+    """``stream`` with its last 20 bytes replaced by the SHA-1 of the rest (a matching trailer)."""
+    body = stream[:-20] if len(stream) > 20 else stream
+    return body + hashlib.sha1(body).digest()
+
+
+def pack_input(data: bytes) -> None:
+    """Byte-level adapter: ``stream_and_cuts``; the first byte's top bit declines a directory,
+    bit 6 leaves deltas unidentified before the decision, bit 5 makes the trailer match."""
+    if data:
+        stream, cuts = stream_and_cuts(data)
+        if data[0] & 0x20:
+            stream = with_trailer(stream)
+        check_pack(stream, cuts, decline=bool(data[0] & 0x80), identify=not data[0] & 0x40)
+
+
+def pack_seeds() -> list[bytes]:
+    """A single file; directories with a delta on a blob, a delta on a delta, a REF_DELTA and
+    a delta on a tree (each reader path before and after the decision)."""
+
+    def obj(kind: int, content: bytes) -> bytes:
+        return pack.object_header(kind, len(content)) + zlib.compress(content)
+
+    def oid(kind: bytes, content: bytes) -> bytes:
+        return hashlib.sha1(b"%s %d\0" % (kind, len(content)) + content).digest()
+
+    def finish(objects: list[bytes]) -> bytes:
+        data = b"PACK" + struct.pack(">II", 2, len(objects)) + b"".join(objects)
+        return data + hashlib.sha1(data).digest()
+
+    def ofs(objects: list[bytes], base: int, instructions: bytes) -> bytes:
+        distance = sum(map(len, objects[base:]))
+        assert distance < 0x80
+        return pack.object_header(6, len(instructions)) + bytes([distance]) + zlib.compress(instructions)
+
+    single = b"".join(pack.single_file_records("notes.txt", 3000, [b"notes " * 500], 4))
+    base, edited, shorter = b"0123456789" * 20, b"0123456789" * 19 + b"edited!!!!", b"0123456789" * 18
+    to_edited = b"\xc8\x01\xc8\x01" + b"\x90\xbe" + b"\x0aedited!!!!"  # copy 190, insert 10
+    to_shorter = b"\xc8\x01\xb4\x01" + b"\x90\xb4"  # copy the first 180
+    first = b"100644 a\0" + oid(b"blob", base)
+    inner = first + b"100644 b\0" + oid(b"blob", edited)
+    top = b"40000 in\0" + oid(b"tree", inner) + b"100644 c\0" + oid(b"blob", shorter)
+    root = b"dir\0" + oid(b"tree", top) + b"6"
+
+    objects = [obj(1, root), obj(2, top), obj(2, inner), obj(3, base)]
+    objects.append(ofs(objects, 3, to_edited))
+    objects.append(ofs(objects, 4, to_shorter))
+    deltas = finish(objects)
+
+    ref = objects[:4] + [pack.object_header(7, len(to_edited)) + oid(b"blob", base) + zlib.compress(to_edited)]
+    ref.append(obj(3, shorter))
+    ref_delta = finish(ref)
+
+    to_inner = b"\x1d\x3a" + b"\x90\x1d" + b"\x1d" + inner[29:]  # copy the first tree, add an entry
+    trees = [obj(1, root), obj(2, top), obj(2, first)]
+    trees.append(ofs(trees, 2, to_inner))
+    trees += [obj(3, base), obj(3, edited), obj(3, shorter)]
+    tree_delta = finish(trees)
+
+    seeds = []
+    for stream in (single, deltas, ref_delta, tree_delta):
+        for flags in (0x22, 0x62, 0xA2):
+            seeds.append(bytes([flags]) + b"\x10\x40" + stream)
+    return seeds
+
+
 TARGETS = {
     "wire": (wire_input, wire_seeds),
     "records": (records_input, records_seeds),
     "message": (message_input, message_seeds),
     "receiver": (receiver_input, receiver_seeds),
     "frames": (frames_input, frame_seeds),
+    "pack": (pack_input, pack_seeds),
     **({"zstd": (zstd_input, zstd_seeds)} if CAN_COMPRESS else {}),
 }
 """Name -> (one_input(data), seeds()) for bench/fuzz.py."""

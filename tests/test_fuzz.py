@@ -1,5 +1,6 @@
 """Fuzzing the decoders that read bytes from strangers: the relay's wire parser and WebSocket
-frame reader, the record layer's Opener, our data-phase codec and the receiver's session.
+frame reader, the record layer's Opener, our data-phase codec, the receiver's session and
+bob's pack reader.
 
 The properties live in ``fuzz_targets`` (shared with ``bench/fuzz.py``). Inputs here are
 structure-aware: valid streams built from random fields, then mutated (bits flipped, bytes
@@ -279,6 +280,36 @@ def test_frame_reader_on_mutated_streams(items, masked, edits, cuts):
 @given(st.binary(max_size=3000), st.booleans(), cuts)
 def test_frame_reader_on_random_bytes(stream, masked, cuts):
     targets.check_frame_stream(stream, cuts, masked)
+
+
+# --- peer.pack.PackReader ------------------------------------------------------------------
+
+PACK_SEEDS = [targets.stream_and_cuts(seed)[0] for seed in targets.pack_seeds()[::3]]
+
+
+@examples(200)
+@given(st.sampled_from(PACK_SEEDS), mutations, cuts, st.booleans(), st.booleans(), st.booleans())
+def test_pack_reader_on_mutated_packs(stream, edits, cuts, decline, identify, rehash):
+    """Both stages: describing before the decision (declined or not), extracting after it.
+    With `rehash` the trailer is made to match again, so a mutation gets past the SHA-1."""
+    stream = apply(stream, edits)
+    if rehash:
+        stream = targets.with_trailer(stream)
+    targets.check_pack(stream, cuts, decline, identify)
+
+
+@examples(100)
+@given(st.binary(max_size=400), cuts, st.booleans())
+def test_pack_reader_on_random_bytes_after_a_pack_header(body, cuts, decline):
+    targets.check_pack(b"PACK\0\0\0\2" + body, cuts, decline)
+
+
+def test_pack_seeds_are_read_whole():
+    for stream in PACK_SEEDS:
+        events, verdict = targets._read_pack([stream], False, targets.PACK_LIMITS)
+        assert verdict is None and events[-1] == ("end",)
+        events, verdict = targets._read_pack([stream], False, targets.PACK_LIMITS_NO_IDENTIFYING)
+        assert verdict is None and events[-1] == ("end",)
 
 
 # --- the byte-level adapters that bench/fuzz.py and atheris drive --------------------------
