@@ -19,7 +19,7 @@ import trio
 
 from peer import bob, pack
 from peer.channel import ChannelClosed
-from peer.destination import Destination
+from peer.destination import Destination, StreamDestination
 from peer.transfer import TransferFailed
 
 COMMIT, TREE, BLOB, TAG, OFS_DELTA = 1, 2, 3, 4, 6
@@ -245,3 +245,21 @@ def test_accepting_inflates_only_what_the_offer_names(places):
     assert (out / "bomb" / "big").read_bytes() == bytes(0x10000)
     assert peak and max(peak) < SMALL
     assert leftovers(tmp) == []
+
+
+def test_a_directory_to_standard_output_is_refused_having_stored_nothing(places):
+    out, tmp = places
+    data = delta_bomb(256 << 20)
+    read, write = os.pipe()
+
+    async def main():
+        destination = StreamDestination(write, "standard output")
+        return await bob.receive_pack(Records(data), destination, announce=lambda offer: None)
+
+    try:
+        with pytest.raises(TransferFailed, match="takes a single file"):
+            trio.run(main)
+    finally:
+        os.close(read)
+        os.close(write)
+    assert leftovers(out, tmp) == []

@@ -29,8 +29,10 @@ from .format import (
 class _Spool:
     """Append-only storage with random reads: memory while small, then a temporary file.
 
-    The file comes from `tempfile.TemporaryFile`, which on Linux has no name at all and
-    elsewhere is unlinked at once, so it disappears with `close()` or with the process.
+    The file comes from `tempfile.TemporaryFile` in the directory given (the driver gives
+    the destination, so the bytes count against the free space they really use): created
+    with O_EXCL and mode 0600, on Linux with no name at all (O_TMPFILE) and elsewhere
+    unlinked at once, so it disappears with `close()` or with the process.
     """
 
     def __init__(self, memory_limit: int, directory: str | os.PathLike[str] | None) -> None:
