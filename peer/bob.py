@@ -67,6 +67,7 @@ async def receive_pack(
     progress: Progress | None = None
     part = None
     offer: transfer.Offer | None = None
+    arrived: list[transfer.OfferEntry] = []
     try:
         with destination.all_or_nothing():
             while not reader.finished:
@@ -97,6 +98,7 @@ async def receive_pack(
                         if progress is not None:
                             progress.advance(len(event.data))
                     elif isinstance(event, pack.TreeEntry):
+                        arrived.append(event.offer_entry())
                         if event.kind == transfer.FILE:
                             await _extract(reader, destination, event, progress)
                     elif isinstance(event, pack.PackEnd):
@@ -106,6 +108,8 @@ async def receive_pack(
                             destination.commit(part, part.digest())
                             part = None
                         destination.finish()
+                        if arrived:  # a directory: what arrived, every size now known
+                            offer = transfer.Offer([offer.entries[0], *arrived])
                 if root is None and reader.is_directory:
                     raise TransferFailed("the sender sends a directory, and this receiver takes a single file")
             return offer

@@ -263,3 +263,21 @@ def test_a_directory_to_standard_output_is_refused_having_stored_nothing(places)
         os.close(read)
         os.close(write)
     assert leftovers(out, tmp) == []
+
+
+def test_a_file_of_unknown_size_is_written_once_accepted(places, monkeypatch):
+    """Past the identification budget a delta's file shows no size, yet arrives whole."""
+    out, tmp = places
+    limits = pack.PackLimits(max_identified=0)
+    monkeypatch.setattr(bob.pack, "PackReader", functools.partial(pack.PackReader, limits=limits))
+    shown = []
+
+    async def decide(offer):
+        shown.append(offer.summary())
+        return True
+
+    offer = receive(delta_bomb(4 << 20), out, decide)
+    assert shown == ["bomb/ (1 file, size unknown)"]
+    assert offer.total_bytes == 4 << 20  # what arrived, as the receiver reports it
+    assert (out / "bomb" / "big").read_bytes() == bytes(4 << 20)
+    assert leftovers(tmp) == []
