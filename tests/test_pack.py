@@ -973,3 +973,26 @@ def test_any_damage_is_a_pack_error(sample_packs, which, position, flip, cut):
         damaged = data[:position] + bytes([data[position] ^ flip]) + data[position + 1 :]
     with pytest.raises(PackError):
         decode(damaged)
+
+
+def test_a_tree_delta_is_resolved_before_the_decision_within_bounds():
+    """A tree sent as a delta on another tree is rebuilt in memory to describe the offer;
+    its instructions count 32 times against max_described (a Python step each)."""
+    first = tree((b"100644", b"a", git_id("blob", b"alpha")))
+    second = first + tree((b"100644", b"b", git_id("blob", b"beta")))
+    top = tree((b"40000", b"in", git_id("tree", second)))
+    instructions = delta(len(first), len(second), copy(0, len(first)), insert(second[len(first) :]))
+    objects = [entry(COMMIT, root(b"d", git_id("tree", top))), entry(TREE, top), entry(TREE, first)]
+    distance = len(objects[-1])
+    objects.append(header(OFS_DELTA, len(instructions)) + ofs_distance(distance) + zlib.compress(instructions))
+    objects += [entry(BLOB, b"alpha"), entry(BLOB, b"beta")]
+    data = build(*objects)
+    with PackReader() as reader:
+        reader.feed(data)
+        directory = reader.next_event()
+        assert directory == Directory("d", 3, 2, 9)
+        assert reader.spooled <= len(data)
+    events, contents = decode(data)
+    assert contents == {"d/in/a": b"alpha", "d/in/b": b"beta"}
+    tight = PackLimits(max_described=32 * len(instructions) - 1)
+    expect_error(data, "tree deltas hold over", limits=tight)

@@ -66,6 +66,8 @@ from .format import (
 from .store import DELTA_HEADER_MAX, _ObjectStore, _Spool, apply_small_delta, delta_sizes
 
 _NO_ID = bytes(ID_SIZE)
+_INSTRUCTION_WEIGHT = 32
+"""How much one byte of delta instructions counts against ``max_identified``."""
 
 # How the describing stage treats the data of the object being inflated.
 _KEEP = 1  # into memory: trees, the root, tags, deltas of those
@@ -189,6 +191,7 @@ class PackReader:
         self._raw: _Spool | None = None
         self._described: _Described | None = None
         self._held_bytes = 0
+        self._tree_delta_work = 0
         self._entries: list[TreeEntry] = []
         self._unpacked = 0
         self._needed: list[int] = []
@@ -524,7 +527,6 @@ class PackReader:
         described.ids += _NO_ID
         if base_id is not None:
             described.ref_bases[index] = base_id
-        self._unpacked += size
         if kind == BLOB:
             self._mode = _HASH
             self._hasher = hashlib.sha1(b"blob %d\0" % size)
@@ -535,6 +537,14 @@ class PackReader:
                 self._mode = _HEAD  # a delta of a blob (or of one not seen yet): its header only
                 return
         self._mode = _KEEP
+        if kind in _DELTAS:
+            # Applied in Python, a step per instruction: counted like the blob deltas' ones.
+            self._tree_delta_work += _INSTRUCTION_WEIGHT * size
+            if self._tree_delta_work > limits.max_described:
+                raise PackError(
+                    f"the pack's tree deltas hold over {limits.max_described // _INSTRUCTION_WEIGHT} bytes "
+                    "of instructions, too many to show before accepting"
+                )
         if self._held_bytes + size > limits.max_described:
             raise PackError(
                 f"the pack's trees hold over {limits.max_described} bytes, too many to show before accepting"
@@ -611,7 +621,6 @@ class PackReader:
             if result_size > self._limits.max_object_size:
                 limit = self._limits.max_object_size
                 raise PackError(f"{what} would be {result_size} bytes, over the {limit}-byte limit")
-            self._unpacked += result_size
             if self._mode == _HEAD:
                 described.results[index] = result_size
                 return
@@ -847,7 +856,8 @@ class PackReader:
                 node, content = stack.pop()
                 for child in children.pop(node, []) + waiting.pop(described.id_of(node), []):
                     result_size = described.results[child]
-                    cost = described.sizes[child] + result_size
+                    # Instructions cost a Python step each where a copy costs one memcpy.
+                    cost = _INSTRUCTION_WEIGHT * described.sizes[child] + result_size
                     if cost > budget:
                         exhausted = True
                         continue
