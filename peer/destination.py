@@ -164,7 +164,8 @@ class Destination:
     Two offered names that the destination's file system would take for one (``Docs``
     and ``docs`` where case is ignored; `case_insensitive` is probed when None) are
     refused; so are names Windows reads as devices or streams (`windows_names`, on by
-    default on Windows).
+    default on Windows and wherever case is ignored: a FAT, NTFS or SMB mount on Linux
+    drops trailing dots and refuses ``a:b`` just as Windows would).
     """
 
     def __init__(
@@ -189,7 +190,7 @@ class Destination:
         unless `overwrite`)."""
         self.keep_modes = keep_modes
         self._case_insensitive = case_insensitive
-        self.windows_names = os.name == "nt" if windows_names is None else windows_names
+        self._windows_names = windows_names
         self.supports_resume = resume
         """Offer the resume feature: keep verified partial files, and continue them later."""
         self._resuming = False
@@ -239,7 +240,7 @@ class Destination:
         self._inside_cache = {}
         for entry in offer.entries:
             problem = name_problem(entry.path)
-            if problem is None and self.windows_names:
+            if problem is None and self.windows_names():
                 problem = windows_problem(entry.path)
             if problem:
                 raise DestinationError(f"refusing the name {shown(entry.path)}: it {problem}")
@@ -401,6 +402,12 @@ class Destination:
             raise
 
     # --- planning, continued ----------------------------------------------------------
+
+    def windows_names(self) -> bool:
+        """Whether to refuse names that mean something else to Windows file systems."""
+        if self._windows_names is None:
+            self._windows_names = os.name == "nt" or self.case_insensitive()
+        return self._windows_names
 
     def case_insensitive(self) -> bool:
         """Whether the destination's file system ignores case, probed on a name it holds.

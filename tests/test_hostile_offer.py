@@ -225,6 +225,14 @@ def test_windows_hostile_names_are_refused_where_they_mean_something_else(tmp_pa
 
 def test_names_fine_on_posix_stay_fine(tmp_path):
     Destination(tmp_path, windows_names=False).plan(Offer([file_entry("10:30 notes.txt", 1), file_entry("x.", 1)]))
+    if os.name != "nt":  # the default on a case-sensitive POSIX destination
+        Destination(tmp_path, case_insensitive=False).plan(Offer([file_entry("10:30 notes.txt", 1)]))
+
+
+def test_a_destination_that_ignores_case_refuses_windows_names_too(tmp_path):
+    """A FAT, NTFS or SMB mount on Linux folds case, and drops trailing dots as Windows does."""
+    with pytest.raises(DestinationError, match="Windows"):
+        Destination(tmp_path, case_insensitive=True).plan(Offer([file_entry("aux.txt", 1)]))
 
 
 # --- stale partial files: only this very path's own ---------------------------------------
