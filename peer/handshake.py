@@ -150,6 +150,9 @@ class Agreed:
     partner_uid: int
     partner_identity: bytes
     keys: spoke.SharedKeys
+    public: spoke.Public | None = None
+    """The sender's public as announced to us; only its salt and iterations are bound by the
+    keys (its cipher ids are not: a relay may have rewritten them)."""
 
 
 @attrs.frozen(kw_only=True)
@@ -205,6 +208,8 @@ class Paired:
     partner_identity: bytes
     keys: spoke.SharedKeys
     ciphers: tuple[int, int]
+    public: spoke.Public | None = None
+    """The sender's public: the one we sent (sender), or the one announced to us (receiver)."""
 
 
 class FailureKind(enum.StrEnum):
@@ -450,6 +455,7 @@ class SenderHandshake(_Machine):
                 partner_identity=slot.identity,
                 keys=slot.keys,
                 ciphers=slot.keys.ciphers,
+                public=self.public,
             )
         )
 
@@ -785,7 +791,7 @@ class ReceiverHandshake(_Machine):
             return [_send(uid, wire.Refused())]
         assert slot.keys is not None
         slot.stage = _Stage.AWAITING_DECISION
-        return [Agreed(partner_uid=uid, partner_identity=slot.identity, keys=slot.keys)]
+        return [Agreed(partner_uid=uid, partner_identity=slot.identity, keys=slot.keys, public=slot.public)]
 
     def _on_done(self) -> list[Event]:
         if self._accepted is None:
@@ -798,6 +804,7 @@ class ReceiverHandshake(_Machine):
                 partner_identity=slot.identity,
                 keys=slot.keys,
                 ciphers=slot.public.ciphers,
+                public=slot.public,
             )
         )
 
