@@ -33,6 +33,7 @@ __all__ = [
     "FILE",
     "MAX_DATA_SIZE",
     "MAX_OFFER_ENTRIES",
+    "PACK_ACK",
     "PROTOCOL_VERSION",
     "RESUME",
     "RESUME_CHUNK",
@@ -55,6 +56,7 @@ __all__ = [
     "FileFinished",
     "FileStart",
     "FileStarted",
+    "HandshakeAltered",
     "Hello",
     "HelloReceived",
     "Offer",
@@ -73,6 +75,7 @@ __all__ = [
     "name_problem",
     "os_reason",
     "printable",
+    "public_digest",
     "shown",
     "verification_string",
     "windows_problem",
@@ -122,6 +125,16 @@ RESUME = "resume"
 RESUME_CHUNK = 16 * 1024 * 1024
 """Under resume, a CHECK follows every this many bytes of a file (counted from its start),
 and a resume point is a multiple of it (or the file's size)."""
+PACK_ACK = "pack-ack"
+"""Feature, receiver only: a receiver that gets bob's PACK after its HELLO (the sender gave up
+waiting for it) answers the verified PACK with an ACK, or an ERROR, before it closes. A
+sender that saw this in a HELLO takes nothing less: a bare close is then no confirmation."""
+PUBLIC_DIGEST_SIZE = 14
+"""Bytes of the HELLO's digest of the sender's spoke public (see `public_digest`)."""
+_PUBLIC_TAG = "pub-"
+"""How the public's digest rides in HELLO: as one more capability-shaped item, ``pub-`` and
+28 hex digits, because older senders skip capabilities they do not know but refuse any
+other extra byte in a HELLO."""
 _CAPABILITY = re.compile(r"[a-z0-9][a-z0-9-]{0,31}")
 _FILE_ID = re.compile(r"[0-9a-f]{1,64}")
 
@@ -148,6 +161,11 @@ class ProtocolError(TransferError):
 
     The message is one line meant for the user; send it to the peer with `error()`.
     """
+
+
+class HandshakeAltered(ProtocolError):
+    """Our receiver was announced another sender public than the one we sent: the relay
+    rewrote it (only the cipher ids can change without breaking the handshake)."""
 
 
 # --- names ---------------------------------------------------------------------------
@@ -575,22 +593,46 @@ def _reason_text(body: bytes | memoryview) -> str:
     return printable(bytes(body).decode("utf-8", "replace"))
 
 
+def public_digest(public: bytes) -> bytes:
+    """What our receiver's HELLO says about the 34-byte spoke public it was announced.
+
+    The handshake binds the salt and the iteration count (both peers stretch the code with
+    them) but not the cipher ids, which a relay could rewrite to pass our sender off as bob.
+    Inside the encrypted room this digest lets our sender compare the public it sent with
+    the one our receiver got. Second preimages are what matter here, and a relay has at
+    most a few fields to play with: 112 bits are plenty, and they fit a capability name.
+    """
+    return hashlib.blake2b(bytes(public), digest_size=PUBLIC_DIGEST_SIZE, person=b"peer-relay pub").digest()
+
+
 @attrs.frozen
 class Hello:
-    """r→s, first message: who we are, the highest version and the optional features."""
+    """r→s, first message: who we are, the highest version and the optional features, and
+    (since pack-ack) the digest of the sender's public as we received it.
+
+    The digest travels as one more capability-shaped item (see _PUBLIC_TAG) so that older
+    senders, which skip unknown capabilities, still read this HELLO; a HELLO without it
+    comes from an older receiver, which cannot confirm the public.
+    """
 
     TYPE: ClassVar[int] = 0x01
     version: int = PROTOCOL_VERSION
     capabilities: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    public_digest: bytes | None = None
 
     def encode(self) -> bytes:
-        if len(self.capabilities) > MAX_CAPABILITIES:
-            raise ValueError("too many capabilities")
-        parts = [bytes([self.TYPE]), _HELLO_HEAD.pack(MAGIC, self.version, len(self.capabilities))]
-        for name in self.capabilities:
-            if not _CAPABILITY.fullmatch(name):
+        names = list(self.capabilities)
+        for name in names:
+            if not _CAPABILITY.fullmatch(name) or name.startswith(_PUBLIC_TAG):
                 raise ValueError(f"invalid capability name {name!r}")
-            parts.append(bytes([len(name)]) + name.encode("ascii"))
+        if self.public_digest is not None:
+            if len(self.public_digest) != PUBLIC_DIGEST_SIZE:
+                raise ValueError(f"the public's digest must be {PUBLIC_DIGEST_SIZE} bytes")
+            names.append(_PUBLIC_TAG + self.public_digest.hex())
+        if len(names) > MAX_CAPABILITIES:
+            raise ValueError("too many capabilities")
+        parts = [bytes([self.TYPE]), _HELLO_HEAD.pack(MAGIC, self.version, len(names))]
+        parts += [bytes([len(name)]) + name.encode("ascii") for name in names]
         return b"".join(parts)
 
     @classmethod
@@ -602,7 +644,8 @@ class Hello:
             raise ProtocolError("hello does not start with the peer-relay magic")
         offset = _HELLO_HEAD.size
         capabilities = []
-        for _ in range(count):
+        digest = None
+        for index in range(count):
             if offset >= len(body):
                 raise ProtocolError("hello is cut inside its capability list")
             size = body[offset]
@@ -613,10 +656,22 @@ class Hello:
             text = name.decode("ascii", "replace")
             if not _CAPABILITY.fullmatch(text):
                 raise ProtocolError(f"hello has an invalid capability name {printable(text)!r}")
+            if text.startswith(_PUBLIC_TAG):
+                if index != count - 1:
+                    raise ProtocolError("hello has the digest of the public before its capabilities")
+                digest = _public_tag_digest(text)
+                continue
             capabilities.append(text)
         if offset != len(body):
             raise ProtocolError("hello has trailing bytes")
-        return cls(version, capabilities)
+        return cls(version, capabilities, digest)
+
+
+def _public_tag_digest(text: str) -> bytes:
+    hexdigits = text[len(_PUBLIC_TAG) :]
+    if len(hexdigits) != 2 * PUBLIC_DIGEST_SIZE or not re.fullmatch(r"[0-9a-f]+", hexdigits):
+        raise ProtocolError(f"hello has a malformed digest of the public {text!r}")
+    return bytes.fromhex(hexdigits)
 
 
 @attrs.frozen
@@ -991,6 +1046,8 @@ class _Sender(enum.Enum):
     SENDING = "between files"
     IN_FILE = "inside a file"
     WAIT_ACK = "waiting for the receiver's acknowledgement"
+    PACK = "sending bob's PACK"
+    PACK_GREETED = "sending bob's PACK to a peer-relay receiver"
     FINISHED = "finished"
     DECLINED = "declined"
     FAILED = "failed"
@@ -1068,16 +1125,28 @@ class SenderSession:
             send(end_file(source_digest))
         send(done());  receive(ack) -> Completed
 
+    or, when no hello came in time (bob's receiver says nothing)::
+
+        fall_back_to_pack();  send bob's PACK
+        receive(...) -> HelloReceived (a late hello: the receiver is ours), then Completed
+        on a close: a confirmation only if not `pack_needs_ack`, and then an unconfirmed one
+
     `receive` may also return PeerError at any time (run it concurrently while
     sending); after that, or after `error()`, the session is over. Bad input raises
     ProtocolError; calls out of order raise RuntimeError (a driver bug).
+
+    `public` is the spoke public we announced: a hello that carries the digest of another
+    one raises HandshakeAltered.
     """
 
-    def __init__(self, offer: Offer, *, features: Iterable[str] = ()) -> None:
+    def __init__(self, offer: Offer, *, features: Iterable[str] = (), public: bytes | None = None) -> None:
         self.offer = offer
         self._supported = _check_features(features)
+        self._public = None if public is None else bytes(public)
         self.features: frozenset[str] = frozenset()
         """What both sides agreed to use, known once the hello has arrived."""
+        self.hello: Hello | None = None
+        """The receiver's hello, once it came (on time, or late while we sent a PACK)."""
         self.version = PROTOCOL_VERSION
         self._state = _Sender.WAIT_HELLO
         self._failure: ProtocolError | None = None
@@ -1127,6 +1196,12 @@ class SenderSession:
         state = self._state
         if state is _Sender.WAIT_HELLO and isinstance(message, Hello):
             return self._on_hello(message)
+        if state is _Sender.PACK and isinstance(message, Hello):
+            greeted = self._on_hello(message)
+            self._state = _Sender.PACK_GREETED
+            return greeted
+        if state is _Sender.PACK_GREETED and isinstance(message, Ack) and PACK_ACK in self.hello.capabilities:
+            return self._on_ack(message)
         if state is _Sender.WAIT_ANSWER and isinstance(message, Answer):
             return self._on_answer(message)
         if state is _Sender.WAIT_ACK and isinstance(message, Ack):
@@ -1141,6 +1216,15 @@ class SenderSession:
     def _on_hello(self, hello: Hello) -> HelloReceived:
         if hello.version < 1:
             raise self._fail(f"the receiver speaks version {hello.version}, this sender needs 1")
+        if (hello.public_digest is not None and self._public is not None
+                and hello.public_digest != public_digest(self._public)):
+            self._state = _Sender.FAILED
+            self._failure = HandshakeAltered(
+                "the relay altered the handshake: the receiver was announced other sender "
+                "parameters than we sent (cipher ids rewritten on the way)"
+            )
+            raise self._failure
+        self.hello = hello
         self.version = min(hello.version, PROTOCOL_VERSION)
         self.features = self._supported & frozenset(hello.capabilities)
         if BIG_RECORDS in self.features:
@@ -1175,6 +1259,20 @@ class SenderSession:
             )
         self._state = _Sender.FINISHED
         return Completed(ack.file_count, ack.total_bytes)
+
+    def fall_back_to_pack(self) -> None:
+        """No hello came in time: we send bob's PACK instead of an offer. Our receiver reads
+        that too, and if its hello was only late, it still arrives (see `pack_needs_ack`)."""
+        self._expect(_Sender.WAIT_HELLO)
+        self._state = _Sender.PACK
+
+    @property
+    def pack_needs_ack(self) -> bool:
+        """After a PACK: the receiver turned out ours and promised an ACK (pack-ack), so its
+        close alone confirms nothing. Without its hello the receiver may be bob, whose
+        close after the whole PACK is all it ever says; an older receiver of ours said
+        hello but cannot confirm a PACK either."""
+        return self._state is _Sender.PACK_GREETED and PACK_ACK in self.hello.capabilities
 
     @property
     def missing_features(self) -> frozenset[str]:
@@ -1342,14 +1440,21 @@ class ReceiverSession:
         receive(...) -> FileStarted | FileData | FileFinished, per file, then TransferDone
         send(acknowledge())   # only once every file is committed
 
+    If the sender sends bob's PACK instead (it did not get our hello in time), the driver
+    reads that and, with the feature pack-ack, sends `acknowledge_pack(...)` once it is
+    verified and in place, or `error(reason)`.
+
+    `sender_public` is the spoke public we were announced: the hello carries its digest.
+
     `receive` returns PeerError if the sender gives up. Anything the sender does wrong
     (order, sizes, malformed messages) raises ProtocolError, the only exception bad
     input can cause; send `error(str(exc))` and stop. Calls out of order raise
     RuntimeError (a driver bug).
     """
 
-    def __init__(self, *, features: Iterable[str] = ()) -> None:
+    def __init__(self, *, features: Iterable[str] = (), sender_public: bytes | None = None) -> None:
         self._supported = _check_features(features)
+        self._public_digest = None if sender_public is None else public_digest(sender_public)
         self.features: frozenset[str] = frozenset()
         """What the sender chose to use, known once the offer has arrived."""
         self.offer: Offer | None = None
@@ -1391,7 +1496,7 @@ class ReceiverSession:
         """Our first message, sent as soon as the secure room opens."""
         self._expect(_Receiver.NEW)
         self._state = _Receiver.WAIT_OFFER
-        return Hello(PROTOCOL_VERSION, sorted(self._supported)).encode()
+        return Hello(PROTOCOL_VERSION, sorted(self._supported), self._public_digest).encode()
 
     def receive(self, plaintext: bytes | memoryview) -> ReceiverEvent | None:
         """Handle one record from the sender; None means "nothing to do yet"."""
@@ -1552,6 +1657,15 @@ class ReceiverSession:
         self._expect(_Receiver.DONE_RECEIVED)
         self._state = _Receiver.FINISHED
         return Ack(self.offer.file_count, self.offer.total_bytes + self._unsized_bytes).encode()
+
+    def acknowledge_pack(self, file_count: int, total_bytes: int) -> bytes:
+        """The ACK of bob's PACK, which came instead of an offer: call it only once the PACK's
+        trailer matched and every file is in place (feature pack-ack)."""
+        self._expect(_Receiver.WAIT_OFFER)
+        if PACK_ACK not in self._supported:
+            raise RuntimeError("pack-ack was not offered")
+        self._state = _Receiver.FINISHED
+        return Ack(file_count, total_bytes).encode()
 
     def error(self, reason: str) -> bytes:
         """An ERROR message telling the sender why we stop; the session is over."""

@@ -11,6 +11,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from fuzz_targets import check_decode
+from peer import transfer as _transfer
 from peer.destination import Destination, IntegrityError
 from peer.records import MAX_RECORD_SIZE, Opener, Sealer
 from peer.source import scan
@@ -575,7 +577,7 @@ class Exchange:
         self.selection = scan([str(path) for path in paths])
         self.sender = SenderSession(self.selection.offer)
         self.receiver = ReceiverSession()
-        self.destination = Destination(destination, overwrite=overwrite)
+        self.destination = Destination(destination, overwrite=overwrite, keep_modes=True)  # same_tree compares modes
         self.decline = decline
         self.sender_events = []
         self.receiver_events = []
@@ -812,3 +814,104 @@ def test_unknown_sizes_are_counted_into_the_ack():
         plain.receive(OfferPart(False, offer.to_json()).encode())
     with pytest.raises(ProtocolError, match="no size"):
         Offer.from_json(b'{"version":1,"entries":[{"kind":"file","path":"a"}],"file_count":1,"total_bytes":0}')
+
+
+# --- the public's digest in HELLO, and the PACK fallback (issue 16, finding 6) ----------------
+
+PUBLIC = bytes(range(34))
+REWRITTEN = PUBLIC[:14] + b"\x00\x02" + PUBLIC[16:]
+
+
+def test_hello_carries_the_public_digest_as_its_last_capability_item():
+    hello = Hello(1, ("resume", "zstd"), _transfer.public_digest(PUBLIC))
+    encoded = hello.encode()
+    assert decode_message(encoded) == hello
+    check_decode(encoded)  # one-to-one: re-encoding gives the same bytes
+    # An older sender reads it as capabilities it does not know (and skips), nothing more.
+    count = encoded[1 + len(_transfer.MAGIC) + 2]
+    assert count == 3
+    assert encoded.endswith(b"pub-" + _transfer.public_digest(PUBLIC).hex().encode())
+
+
+def test_a_hello_without_digest_is_an_older_receivers():
+    hello = decode_message(Hello(1, ("resume",)).encode())
+    assert hello.public_digest is None and hello.capabilities == ("resume",)
+
+
+@pytest.mark.parametrize("names", [
+    ["pub-00"], ["pub-" + "g" * 28], ["pub-" + "0" * 28, "resume"], ["pub-" + "0" * 28, "pub-" + "1" * 28],
+])
+def test_malformed_digests_of_the_public_are_refused(names):
+    head = bytes([Hello.TYPE]) + _transfer.MAGIC + (1).to_bytes(2, "big") + bytes([len(names)])
+    body = b"".join(bytes([len(n)]) + n.encode() for n in names)
+    with pytest.raises(ProtocolError):
+        decode_message(head + body)
+
+
+def test_the_receiver_digests_the_public_it_was_announced():
+    hello = decode_message(ReceiverSession(sender_public=PUBLIC).hello())
+    assert hello.public_digest == _transfer.public_digest(PUBLIC)
+    assert decode_message(ReceiverSession().hello()).public_digest is None
+
+
+def test_a_rewritten_public_stops_the_sender():
+    sender = SenderSession(Offer([OfferEntry(FILE, "a", 1)]), public=PUBLIC)
+    with pytest.raises(_transfer.HandshakeAltered, match="the relay altered the handshake"):
+        sender.receive(ReceiverSession(sender_public=REWRITTEN).hello())
+    assert sender.finished and not sender.succeeded
+
+
+@pytest.mark.parametrize("receiver_public", [PUBLIC, None])
+def test_the_same_public_or_an_older_receiver_goes_on(receiver_public):
+    sender = SenderSession(Offer([OfferEntry(FILE, "a", 1)]), public=PUBLIC)
+    assert isinstance(sender.receive(ReceiverSession(sender_public=receiver_public).hello()), HelloReceived)
+
+
+def _pack_sender():
+    sender = SenderSession(Offer([OfferEntry(FILE, "a", 3)]), public=PUBLIC)
+    sender.fall_back_to_pack()
+    return sender
+
+
+def test_after_a_pack_a_late_hello_then_its_ack_confirm():
+    sender = _pack_sender()
+    assert not sender.pack_needs_ack  # silence so far: maybe bob
+    receiver = ReceiverSession(features={_transfer.PACK_ACK}, sender_public=PUBLIC)
+    assert isinstance(sender.receive(receiver.hello()), HelloReceived)
+    assert sender.pack_needs_ack  # ours, and it promised an ACK: a close is not enough
+    assert sender.receive(receiver.acknowledge_pack(1, 3)) == Completed(1, 3)
+    assert sender.succeeded
+
+
+def test_after_a_pack_an_ack_of_other_counts_fails():
+    sender = _pack_sender()
+    receiver = ReceiverSession(features={_transfer.PACK_ACK})
+    sender.receive(receiver.hello())
+    with pytest.raises(ProtocolError, match="confirmed 1 files and 2 bytes"):
+        sender.receive(receiver.acknowledge_pack(1, 2))
+
+
+def test_after_a_pack_an_older_receivers_hello_cannot_promise_an_ack():
+    sender = _pack_sender()
+    sender.receive(ReceiverSession().hello())
+    assert not sender.pack_needs_ack
+    with pytest.raises(ProtocolError):
+        sender.receive(Ack(1, 3).encode())
+
+
+def test_after_a_pack_only_a_hello_or_an_error_may_come_first():
+    with pytest.raises(ProtocolError):
+        _pack_sender().receive(Ack(1, 3).encode())
+    assert _pack_sender().receive(Error("declined").encode()) == PeerError("declined")
+    sender = _pack_sender()
+    with pytest.raises(_transfer.HandshakeAltered):
+        sender.receive(ReceiverSession(features={_transfer.PACK_ACK}, sender_public=REWRITTEN).hello())
+
+
+def test_a_receiver_acknowledges_a_pack_only_after_its_hello_and_with_pack_ack():
+    with pytest.raises(RuntimeError):
+        ReceiverSession(features={_transfer.PACK_ACK}).acknowledge_pack(1, 1)  # no hello yet
+    receiver = ReceiverSession()
+    receiver.hello()
+    with pytest.raises(RuntimeError):
+        receiver.acknowledge_pack(1, 1)  # pack-ack not offered
