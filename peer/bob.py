@@ -27,7 +27,7 @@ from .source import Selection, SourceError
 from .transfer import TransferFailed
 
 CLOSE_WAIT = 60.0
-"""How long a sender waits for bob's receiver to close once the trailer is sent."""
+"""How long a sender waits for the receiver to close (or ACK) once the trailer is sent."""
 LEVEL = 0
 """zlib level for what we send to bob: stored blocks. Level 4 (bob's) deflates at ~44 MiB/s
 here, far below the link; bob's receiver accepts any level."""
@@ -161,41 +161,110 @@ async def send_pack(
     selection: Selection,
     paths: list[str],
     *,
+    session: transfer.SenderSession | None = None,
     make_progress: Callable[[], Progress] | None = None,
-) -> None:
-    """Send one file or one directory as bob's pack, then wait for bob to close the room."""
+) -> transfer.Completed | None:
+    """Send one file or one directory as bob's pack; return our receiver's ACK of it, or None
+    when the room was closed cleanly after the whole pack (all bob ever says: no proof).
+
+    What the receiver says is read while the pack goes out (`session` decodes it; made
+    here when not given): a close before the last record is a failure, whoever closed;
+    so is a broken connection at any time. A HELLO, even late, means the receiver is ours:
+    then, if it promised one (pack-ack), only its ACK confirms, and a bare close fails.
+    """
     if len(paths) != 1:
         raise TransferFailed("bob's receiver takes one file or one directory: send the paths one at a time")
-    top = selection.offer.top_level[0]
+    if session is None:
+        session = transfer.SenderSession(selection.offer)
+        session.fall_back_to_pack()
+    watch = _PackWatch(channel, session)
     progress = make_progress() if make_progress is not None else None
+    source_failure: SourceError | None = None
+    broken: ChannelBroken | None = None
+    sent = False
     try:
-        if top.is_file:
-            reader = selection.open(top)
-            with reader:
-                records = pack.single_file_records(top.path, top.size, _chunks(reader, progress), LEVEL)
-                await _send_records(channel, records)
-                reader.digest()  # raises if the file changed while it was read
-        else:
-            directory = pack.directory_pack(paths[0].rstrip(os.sep) or paths[0], top.path)
-            await _send_records(channel, _counted(directory, progress))
-    except SourceError as error:
-        raise TransferFailed(str(error)) from None
-    except ChannelBroken as error:
-        raise TransferFailed(str(error)) from None
-    except ChannelClosed:
-        raise TransferFailed("bob's receiver closed the connection before the end") from None
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watch.run)
+            try:
+                with watch.sending:
+                    await _send_pack(channel, selection, paths, progress)
+                # Cancelled only at a checkpoint where the sending had not finished: once the
+                # last record is in the kernel's hands, a close seen meanwhile comes after it.
+                sent = not watch.sending.cancelled_caught
+            except SourceError as error:
+                source_failure = error
+            except ChannelBroken as error:
+                broken = error
+            if sent:
+                with trio.move_on_after(CLOSE_WAIT):
+                    await watch.ended.wait()
+            nursery.cancel_scope.cancel()
     finally:
         if progress is not None:
             progress.close()
-    with trio.move_on_after(CLOSE_WAIT):
+    if source_failure is not None:
+        raise TransferFailed(str(source_failure))
+    if watch.failure is not None:
+        raise watch.failure  # what the receiver said, or how the room failed
+    if broken is not None and not watch.closed:
+        raise TransferFailed(str(broken))
+    if not sent:
+        raise TransferFailed("the receiver closed the connection before the end of bob's pack")
+    if watch.confirmed is not None:
+        return watch.confirmed
+    if not watch.closed:
+        raise TransferFailed(f"the receiver did not close the connection within {CLOSE_WAIT:.0f} s")
+    if session.pack_needs_ack:
+        raise TransferFailed("the receiver (a peer-relay peer) closed the connection without confirming the transfer")
+    return None
+
+
+class _PackWatch:
+    """Reads the room while the pack goes out and after: how it ended, and what was said."""
+
+    def __init__(self, channel: Channel, session: transfer.SenderSession) -> None:
+        self.channel = channel
+        self.session = session
+        self.sending = trio.CancelScope()
+        """Around the sending: cancelled once the room ends (a close or a failure)."""
+        self.ended = trio.Event()
+        self.closed = False
+        """The room ended cleanly (the close marker, or EOF at a record boundary)."""
+        self.confirmed: transfer.Completed | None = None
+        self.failure: Exception | None = None
+
+    async def run(self) -> None:
         try:
-            while True:
-                # bob sends nothing; a record here is our own receiver's HELLO that came
-                # too late (it reads the pack all the same), so it is skipped.
-                await channel.receive()
-        except (ChannelClosed, ChannelBroken):
-            return  # the receiver hung up: that is bob's way of saying it is done
-    raise TransferFailed(f"bob's receiver did not close the connection within {CLOSE_WAIT:.0f} s")
+            while self.confirmed is None:
+                event = self.session.receive(await self.channel.receive())
+                if isinstance(event, transfer.PeerError):
+                    raise TransferFailed(f"the receiver stopped: {event.reason}")
+                if isinstance(event, transfer.Completed):
+                    self.confirmed = event
+                # HelloReceived: our receiver after all, whose hello came late; go on.
+        except ChannelClosed:
+            self.closed = True
+            self.sending.cancel()
+        except ChannelBroken as error:
+            self.failure = TransferFailed(str(error))
+            self.sending.cancel()
+        except (TransferFailed, transfer.ProtocolError) as error:
+            self.failure = error
+            self.sending.cancel()
+        self.ended.set()
+
+
+async def _send_pack(channel: Channel, selection: Selection, paths: list[str], progress: Progress | None) -> None:
+    top = selection.offer.top_level[0]
+    if top.is_file:
+        reader = selection.open(top)
+        with reader:
+            records = pack.single_file_records(top.path, top.size, _chunks(reader, progress), LEVEL)
+            await _send_records(channel, records)
+            reader.digest()  # raises if the file changed while it was read
+    else:
+        directory = pack.directory_pack(paths[0].rstrip(os.sep) or paths[0], top.path)
+        await _send_records(channel, _counted(directory, progress))
 
 
 def _chunks(reader, progress: Progress | None) -> Iterator[bytes]:

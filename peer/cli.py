@@ -254,10 +254,23 @@ def _describe_handshake_event(console: Console, event: handshake.Event) -> None:
         console.info(f"{_show(event.partner_identity)} declined; still waiting")
 
 
-def _is_bob(keys) -> bool:
-    """bob's sender advertises ChaCha20 (2) for the receiver's direction, which cannot carry
-    records; ours advertises AES-GCM (0) so that we can answer it."""
-    return keys.ciphers[1] != 0
+BOB_ITERATIONS = 16
+"""The PBKDF2 count in bob's public (ours uses spoke.DEFAULT_ITERATIONS)."""
+
+
+def _is_bob(agreed) -> bool:
+    """Whether the sender of this Agreed or Paired is bob's: it advertises ChaCha20 (2) for the
+    receiver's direction, which cannot carry records (ours advertises AES-GCM, 0), and
+    stretches the code 16 times. Only the count is bound by the handshake (the keys come
+    from it): a relay can rewrite the cipher ids, so ChaCha20 with any other count is a
+    rewritten public of our own sender, which must be greeted (docs/transfer.md)."""
+    public = getattr(agreed, "public", None)
+    return agreed.keys.ciphers[1] != 0 and (public is None or public.iterations == BOB_ITERATIONS)
+
+
+def _public_rewritten(agreed) -> bool:
+    """A public that asks for another cipher than AES-GCM yet is not bob's was rewritten."""
+    return agreed.keys.ciphers != (0, 0) and not _is_bob(agreed)
 
 
 def _show(identity: bytes) -> str:
@@ -362,7 +375,10 @@ async def _send_through(address, password, selection, args, console: Console) ->
         total = selection.offer.total_bytes if selection.offer.sizes_known else None
         return Progress(total, label="Sending", quiet=args.quiet)
 
-    async def to_bob() -> None:
+    greeted_late = False
+
+    async def to_bob(session: transfer.SenderSession) -> transfer.Completed | None:
+        nonlocal greeted_late
         if selection.offer.text is not None:
             raise TransferFailed(f"{partner} is a bob receiver, which cannot receive a text message")
         if not selection.offer.sizes_known:
@@ -372,7 +388,10 @@ async def _send_through(address, password, selection, args, console: Console) ->
         console.info(f"{partner} is a bob receiver: sending bob's format")
         from .bob import send_pack
 
-        await send_pack(channel, selection, args.paths, make_progress=make_progress)
+        try:
+            return await send_pack(channel, selection, args.paths, session=session, make_progress=make_progress)
+        finally:
+            greeted_late = session.hello is not None
 
     try:
         done = await send_selection(
@@ -382,6 +401,7 @@ async def _send_through(address, password, selection, args, console: Console) ->
             make_progress=make_progress,
             to_bob=to_bob,
             bob_wait=BOB_WAIT,
+            public=meeting.paired.public.encode() if meeting.paired.public is not None else None,
             compress=args.compress,
             limit_rate=args.limit_rate,
         )
@@ -390,9 +410,12 @@ async def _send_through(address, password, selection, args, console: Console) ->
         raise Failure(str(error)) from None
     await channel.close()
     if done is None:
+        # Only a close after the last record: no proof, and a relay could fake it.
+        who = "the receiver (an older peer-relay) closed" if greeted_late else "bob's receiver closed"
+        cannot = "it cannot confirm" if greeted_late else "bob cannot confirm"
         console.info(
-            f"Sent {selection.offer.summary()}; bob's receiver closed the connection after the "
-            "last byte (bob cannot confirm what it wrote)."
+            f"Sent {selection.offer.summary()}; {who} the connection after the "
+            f"last byte ({cannot} what it wrote)."
         )
         return 0
     if selection.offer.text is not None:
@@ -457,7 +480,7 @@ async def _recv(args, console: Console) -> int:
 async def _receive_into(address, password, destination, args, console: Console) -> int:
 
     async def decide_agreement(agreed: handshake.Agreed) -> bool:
-        if not _is_bob(agreed.keys):
+        if not _is_bob(agreed):
             return True  # ours: the user decides once the offer has arrived
         # bob's data carries no offer: like bob, ask before the room opens.
         who = _show(agreed.partner_identity)
@@ -476,14 +499,20 @@ async def _receive_into(address, password, destination, args, console: Console) 
     keys = meeting.paired.keys
     partner = _show(meeting.paired.partner_identity)
     check = transfer.verification_string(keys.sender_to_receiver)
-    bob = _is_bob(keys)
+    bob = _is_bob(meeting.paired)
+    if _public_rewritten(meeting.paired):
+        console.warn("the sender's parameters were altered on the way (cipher ids "
+                     f"{keys.ciphers[0]}, {keys.ciphers[1]} without bob's PBKDF2 count): "
+                     "treating it as a peer-relay sender")
     channel = Channel(
         meeting.stream,
         send_key=keys.receiver_to_sender,
         receive_key=keys.sender_to_receiver,
-        # bob's cipher1 cannot seal records; we never send it any, only the raw close marker.
-        send_cipher=0 if bob else keys.ciphers[1],
-        receive_cipher=keys.ciphers[0],
+        # AES-GCM both ways whatever the public says: it is what our senders and bob's seal
+        # with, and the cipher ids are not bound by the handshake. (bob's cipher1 cannot
+        # seal records anyway: we never send it any, only the raw close marker.)
+        send_cipher=0,
+        receive_cipher=0,
     )
 
     async def decide(offer: transfer.Offer) -> bool:
@@ -523,7 +552,8 @@ async def _receive_into(address, password, destination, args, console: Console) 
             done = transfer.TransferDone(offer.file_count, offer.total_bytes)
         else:
             done = await receive_offer(
-                channel, destination, decide=decide, make_progress=make_progress, show_text=show_text
+                channel, destination, decide=decide, make_progress=make_progress, show_text=show_text,
+                sender_public=meeting.paired.public.encode() if meeting.paired.public is not None else None,
             )
     except TransferFailed as error:
         await channel.abort()

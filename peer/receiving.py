@@ -23,21 +23,23 @@ async def receive_offer(
     decide: Decide,
     make_progress: MakeProgress | None = None,
     show_text: Callable[[str], None] | None = None,
+    sender_public: bytes | None = None,
 ) -> transfer.TransferDone:
     """Run the receiver's side until everything is verified, in place and acknowledged.
 
     On any failure every temporary file is removed, the sender is told why (best effort),
     and TransferFailed carries the one line for the user. A text message is handed to
     ``show_text`` (only offered to senders when it is given) before the acknowledgement.
+    ``sender_public`` (the spoke public we were announced) goes, digested, in our HELLO.
     """
-    features = {transfer.UNKNOWN_SIZE, transfer.BIG_RECORDS}
+    features = {transfer.UNKNOWN_SIZE, transfer.BIG_RECORDS, transfer.PACK_ACK}
     if compression.available():
         features.add(transfer.ZSTD)
     if getattr(destination, "supports_resume", False):
         features.add(transfer.RESUME)
     if show_text is not None:
         features.add(transfer.TEXT)
-    session = transfer.ReceiverSession(features=features)
+    session = transfer.ReceiverSession(features=features, sender_public=sender_public)
     progress: Progress | None = None
     try:
         with destination.all_or_nothing():
@@ -47,12 +49,19 @@ async def receive_offer(
             first = await channel.receive()
             if first[:4] == b"PACK":
                 # The sender gave up waiting for our greeting and sent bob's format: read that.
+                # It is ours (it got our hello, late): once all is verified and in place, say so
+                # (pack-ack); a bare close would prove nothing to it.
                 from .bob import receive_pack  # here: bob.py builds on this module
 
-                offer = await receive_pack(
-                    channel, destination, announce=lambda offer: None, decide=decide,
-                    make_progress=make_progress, first=first,
-                )
+                try:
+                    offer = await receive_pack(
+                        channel, destination, announce=lambda offer: None, decide=decide,
+                        make_progress=make_progress, first=first,
+                    )
+                except TransferFailed as error:
+                    await _tell(channel, session, str(error))
+                    raise
+                await _send_now(channel, session.acknowledge_pack(offer.file_count, offer.total_bytes))
                 return transfer.TransferDone(offer.file_count, offer.total_bytes)
             offer = await _wait_offer(channel, session, first)
             resume = transfer.RESUME in session.features

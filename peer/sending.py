@@ -23,6 +23,7 @@ ANSWER_TIMEOUT = 24 * 3600.0
 
 
 Confirm = Callable[[], Awaitable[bool]]
+ToBob = Callable[[transfer.SenderSession], Awaitable["transfer.Completed | None"]]
 
 FEATURES = frozenset({transfer.TEXT, transfer.UNKNOWN_SIZE, transfer.RESUME, transfer.BIG_RECORDS})
 """What this sender can use when the receiver offers it (zstd is added unless disabled)."""
@@ -39,15 +40,21 @@ async def send_selection(
     *,
     confirm: Confirm | None = None,
     make_progress: Callable[[], Progress] | None = None,
-    to_bob: Callable[[], Awaitable[None]] | None = None,
+    to_bob: ToBob | None = None,
     bob_wait: float = HELLO_TIMEOUT,
     compress: str = "auto",
     limit_rate: float | None = None,
+    public: bytes | None = None,
 ) -> transfer.Completed | None:
     """Run the sender's side to the receiver's ACK; TransferFailed on anything else.
 
-    A receiver that stays silent for ``bob_wait`` seconds is bob's (ours greets at once):
-    then ``to_bob`` sends bob's payload instead and None is returned.
+    A receiver that stays silent for ``bob_wait`` seconds may be bob's (ours greets at
+    once): then ``to_bob`` sends bob's payload instead, on the session (which then reads
+    a late hello, see bob.send_pack), and returns our receiver's ACK, or None when only a
+    close after the whole PACK said it was done (which confirms nothing).
+
+    ``public`` is the spoke public we announced: a receiver's hello that saw another one
+    means the relay rewrote it, and the transfer stops (transfer.HandshakeAltered).
 
     The progress bar is made only once the receiver accepted, so that it neither draws over
     a prompt nor counts the time a person took to answer.
@@ -60,11 +67,14 @@ async def send_selection(
     if compress != "never" and compression.available():
         features.add(transfer.ZSTD)
         choice = compression.CompressionChoice(compress)
-    session = transfer.SenderSession(selection.offer, features=features)
+    session = transfer.SenderSession(selection.offer, features=features, public=public)
     pacer = Pacer(channel, limit_rate) if limit_rate else None
     try:
         return await _send(channel, session, selection, confirm, make_progress, to_bob, bob_wait, choice, pacer)
     except SourceError as error:
+        await _tell(channel, session, str(error))
+        raise TransferFailed(str(error)) from None
+    except transfer.HandshakeAltered as error:
         await _tell(channel, session, str(error))
         raise TransferFailed(str(error)) from None
     except transfer.ProtocolError as error:
@@ -104,8 +114,8 @@ async def _send(channel, session, selection, confirm, make_progress, to_bob, bob
             raise TransferFailed(f"the receiver did not greet us within {bob_wait:.0f} s")
         if confirm is not None and not await confirm():
             raise TransferFailed("cancelled")
-        await to_bob()
-        return None
+        session.fall_back_to_pack()
+        return await to_bob(session)
     hello = session.receive(first)
     if isinstance(hello, transfer.PeerError):
         raise TransferFailed(f"the receiver stopped: {hello.reason}")

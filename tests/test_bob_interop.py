@@ -9,6 +9,8 @@ pack to its trailer and hangs up.
 from __future__ import annotations
 
 import os
+import socket
+import struct
 
 import trio
 
@@ -65,6 +67,21 @@ async def bob_receiver(relay, password: str) -> dict[str, bytes | None]:
                         b"".join(reader.iter_blob(event.id)) if event.kind == "file" else None
                     )
     await channel.abort()  # bob's receiver just exits: the relay tells the sender
+    return got
+
+
+async def bob_receiver_resetting(relay, password: str, after: int) -> int:
+    """A bob receiver that breaks down once ``after`` bytes of the PACK arrived: it resets the
+    connection (the relay turns that into a close towards the sender). Returns what it read."""
+    machine = handshake.ReceiverHandshake(password.encode())
+    meeting = await meet(relay_address(relay), machine, notify=lambda event: None)
+    keys = meeting.paired.keys
+    channel = Channel(meeting.stream, send_key=keys.receiver_to_sender, receive_key=keys.sender_to_receiver)
+    got = 0
+    while got < after:
+        got += len(await channel.receive())
+    meeting.stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    await channel.abort()
     return got
 
 
@@ -126,8 +143,22 @@ async def test_send_a_file_to_bob(relay_process, tmp_path):
         got = await bob_receiver(relay_process, BOB_PASSWORD)
     status, _, err = await trio.to_thread.run_sync(finish, sender)
     assert status == 0, err
-    assert "bob" in err
+    assert "bob cannot confirm" in err and "the receiver confirmed" not in err, err
     assert got == {"notes.bin": data}
+
+
+async def test_a_bob_receiver_that_breaks_mid_pack_is_a_failure(relay_process, tmp_path):
+    # Big enough that the sender is still sending when the close reaches it (the relay goes
+    # on reading for a while after the close, so a sender that only looks once it is done
+    # would take the close for bob's "done").
+    (tmp_path / "big.bin").write_bytes(os.urandom(64 * 1024 * 1024))
+    sender = peer("send", *relay_process.peer_args(), "--password", BOB_PASSWORD, "big.bin", cwd=tmp_path)
+    with trio.fail_after(60):
+        await bob_receiver_resetting(relay_process, BOB_PASSWORD, after=256 * 1024)
+    status, _, err = await trio.to_thread.run_sync(finish, sender)
+    assert status == 1, err
+    errors = [line for line in err.splitlines() if line.startswith("peer: ")]
+    assert len(errors) == 1 and "before the end" in errors[0], err
 
 
 async def test_send_a_directory_to_bob(relay_process, tmp_path):
