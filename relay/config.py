@@ -216,6 +216,17 @@ OPTIONS: tuple[Option, ...] = (
            "(default: %(default)s)", True, "N"),
     Option("room-rate", count, _LIMITS.room_rate, "bytes per second one room may carry, both "
            "directions together; 0: no limit (default: %(default)s)", True, "BYTES"),
+    Option("max-failed-handshakes-per-address", count,
+           _LIMITS.max_failed_handshakes_per_address, "handshakes from one IPv4 address or "
+           "IPv6 /64 that may end without an agreement within --failed-handshake-window, open "
+           "ones included; past it the relay refuses its new ones; 0: no limit "
+           "(default: %(default)s)", True, "N"),
+    Option("max-failed-handshakes-per-sender", count,
+           _LIMITS.max_failed_handshakes_per_sender, "the same for one waiting sender, from "
+           "every address together; 0: no limit (default: %(default)s)", True, "N"),
+    Option("failed-handshake-window", seconds, _LIMITS.failed_handshake_window, "how long a "
+           "failed handshake counts against its address and its sender "
+           "(default: %(default)s)", True, "SECONDS"),
     Option("limit-exempt", network, tuple(str(n) for n in _LIMITS.exempt), "addresses or "
            "networks not counted per address (default: 127.0.0.0/8 and ::1); repeat for "
            "several", True, "ADDR", repeat=True),
@@ -388,6 +399,9 @@ def build(values: dict[str, Any], *, path: str | os.PathLike | None = None,
             max_rooms=values["max-rooms"],
             room_rate=values["room-rate"],
             exempt=values["limit-exempt"],
+            max_failed_handshakes_per_address=values["max-failed-handshakes-per-address"],
+            max_failed_handshakes_per_sender=values["max-failed-handshakes-per-sender"],
+            failed_handshake_window=values["failed-handshake-window"],
         )
         relay = RelayConfig(
             hosts=values["host"],

@@ -17,7 +17,14 @@ Stricter than bob, with identical bytes on the wire for honest peers:
 - Accepted is acted on only after the server's Agreement went through the relay to that
   client, so a stranger cannot pull a waiting sender off the relay by "accepting" it;
 - Refused is forwarded, departures and pairings are announced with Closed;
-- UIDs are never shared by two live peers (see ``relay.uids``).
+- UIDs are never shared by two live peers (see ``relay.uids``);
+- a client's repeated Hello announces the senders again but does not revive a pair that
+  ended: otherwise one connection could run handshake after handshake with every sender,
+  each one an offline guess of its code and one of its few attempts;
+- each handshake (a client's 07 forwarded) is counted by the guard (``relay.limits``) until
+  it ends; one that ends without an agreement by the client's doing counts as failed against
+  the client's address and the sender, and past their limits the relay answers a new 07 with
+  Closed (that sender's UID) to that client alone and forwards nothing.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ from typing import Callable, Hashable, Union
 import attrs
 
 from relay import wire
+from relay.limits import Attempt, Failures, Guard, Limits, Refusal, RefusalLog, host_of
 from relay.rooms import RoomBook
 from relay.uids import UidPool
 
@@ -59,6 +67,9 @@ class Close:
 
 Output = Union[Send, Close]
 
+Clock = Callable[[], float]
+"""The driver's clock, read when a handshake starts or ends (the failed-handshake window)."""
+
 HelloGate = Callable[[Hashable], Union[str, None]]
 """Asked about every Hello, with the connection it came on: None lets it through, a string
 refuses it (Timeout 0f, then close) and says why, for the log."""
@@ -80,6 +91,12 @@ class HandshakeCounts:
     refused: int = 0
     accepted: int = 0
     hellos_refused: int = 0
+    attempts_failed: int = 0
+    """Handshakes begun (07) that ended without an agreement because of the client: a
+    Spoke_failure or Refused before the Agreement (except the server's Spoke_failure before
+    its 06, which gave the client nothing), or the client leaving: what the limits count."""
+    handshakes_refused: int = 0
+    """07s not forwarded because the client's address or the sender was over its limit."""
 
 
 class Role(enum.StrEnum):
@@ -111,6 +128,15 @@ _OTHER = {Role.CLIENT: Role.SERVER, Role.SERVER: Role.CLIENT}
 
 
 @attrs.define(eq=False)
+class _Handshake:
+    """A handshake under way between a client and a server (a 07 forwarded, no end yet)."""
+
+    attempt: Attempt
+    answered: bool = False
+    """The server's 06 went through: from then on the client holds a guess."""
+
+
+@attrs.define(eq=False)
 class _Peer:
     """One handshake-port connection, registered or not. Dropped when it closes."""
 
@@ -125,6 +151,10 @@ class _Peer:
     """Peer UID → the state of this pair, for pairs that differ from 'candidate'."""
     reannouncements: int = 0
     """How often a repeated Hello of this sender was announced to receivers again."""
+    handshakes: dict[int, _Handshake] = attrs.Factory(dict)
+    """Peer UID → the handshake under way with it (kept on both peers, like ``links``)."""
+    failures: Failures = attrs.Factory(Failures)
+    """A server's failed handshakes (from every client): its count for the guard."""
 
     def describe(self) -> str:
         who = self.identity.decode("ascii", "replace")
@@ -137,10 +167,20 @@ class Relay:
     """The handshake relay: registrations, forwarding, pairings and departures."""
 
     def __init__(self, rooms: RoomBook | None = None, uids: UidPool | None = None,
-                 hello_gate: HelloGate | None = None) -> None:
+                 hello_gate: HelloGate | None = None, guard: Guard | None = None,
+                 clock: Clock | None = None, refusal_log: RefusalLog | None = None) -> None:
+        """Without a ``guard`` handshakes are counted but never refused; with one, the
+        driver's ``clock`` is needed for its window. ``refusal_log`` says what the guard
+        refused (the driver's, so that one line a second per limit holds for the relay)."""
+        if guard is not None and clock is None:
+            raise ValueError("a guard needs a clock")
         self.rooms = rooms if rooms is not None else RoomBook()
         self._uids = uids if uids is not None else UidPool()
         self.hello_gate = hello_gate
+        self.guard = guard if guard is not None else Guard(Limits(
+            max_failed_handshakes_per_address=0, max_failed_handshakes_per_sender=0))
+        self._clock: Clock = clock if clock is not None else (lambda: 0.0)
+        self._refusal_log = refusal_log if refusal_log is not None else RefusalLog(log)
         self.counts = HandshakeCounts()
         self._conns: dict[Hashable, _Peer] = {}
         self._registered: dict[Role, dict[int, _Peer]] = {Role.CLIENT: {}, Role.SERVER: {}}
@@ -236,6 +276,7 @@ class Relay:
         # Nobody is left to notify, so skip the per-peer candidate walk of a departure.
         for peer in list(self._conns.values()):
             if peer.role is not None:
+                self._end_handshakes(peer, failed=False)
                 self._uids.release(peer.uid)
             self._close(out, peer, "relay shutting down")
         for table in self._registered.values():
@@ -286,18 +327,19 @@ class Relay:
             self._registered[role][new_uid] = peer
             log.info("%s registered", peer.describe())
         elif role is Role.CLIENT:
-            # A client asking again gets every sender again and may try them all anew; the
-            # packets go to it alone, so a client that repeats without reading only fills
+            # A client asking again gets its candidates again, but the pairs that ended stay
+            # ended: each new handshake with a sender would be one more guess of its code.
+            # The packets go to it alone, so a client that repeats without reading only fills
             # its own outbox.
             log.debug("%s repeated its Hello", peer.describe())
-            self._unlink_all(peer)
         else:
             self._hello_again(out, peer, public)
             return
         if role is Role.CLIENT:
             self._send(out, peer, wire.RELAY_UID, wire.ClientIdentity(peer.identity))
             for server in self._registered[Role.SERVER].values():
-                self._write(out, peer, server.announcement)
+                if peer.links.get(server.uid) is not _Link.ENDED:
+                    self._write(out, peer, server.announcement)
         else:
             assert public is not None
             peer.announcement = wire.encode(
@@ -328,6 +370,7 @@ class Relay:
                 del peer.links[client.uid]
                 client.links.pop(peer.uid, None)
         else:
+            self._end_handshakes(peer, failed=False)
             self._unlink_all(peer)
             peer.announcement = announcement
             targets = list(clients.values())
@@ -367,17 +410,79 @@ class Relay:
                 self._pair(out, sender, target)
                 return
             case wire.XAndClientIdentity():
-                self.counts.started += 1
+                if not self._begin_handshake(out, sender, target):
+                    return
+            case wire.YAndServerValidator():
+                handshake = sender.handshakes.get(target.uid)
+                if handshake is not None:
+                    handshake.answered = True
             case wire.Agreement():
                 self.counts.agreed += 1
+                self._end_handshake(target, sender, failed=False)
                 self._link(sender, target, _Link.AGREED)
             case wire.Refused() | wire.SpokeFailure():
                 if isinstance(packet, wire.Refused):
                     self.counts.refused += 1
                 else:
                     self.counts.failed += 1
+                client, server = (sender, target) if sender.role is Role.CLIENT else (target, sender)
+                handshake = client.handshakes.get(server.uid)
+                # A server's Spoke_failure before its 06 (an X that is no point) gave the
+                # client nothing to test a guess with and cost the server nothing.
+                failed = handshake is not None and (sender is client or handshake.answered)
+                self._end_handshake(client, server, failed=failed)
                 self._link(sender, target, _Link.ENDED)
         self._send(out, target, sender.uid, packet)
+
+    def _begin_handshake(self, out: list[Output], client: _Peer, server: _Peer) -> bool:
+        """A client's 07 to ``server``: True to forward it. A repeated 07 within a handshake
+        is no new guess (the server ignores it); a new one must pass the guard."""
+        if server.uid in client.handshakes:
+            return True
+        verdict = self.guard.start_handshake(host_of(client.identity), server.failures,
+                                             self._clock())
+        if isinstance(verdict, Refusal):
+            self._refuse_handshake(out, client, server, verdict)
+            return False
+        handshake = _Handshake(verdict)
+        client.handshakes[server.uid] = server.handshakes[client.uid] = handshake
+        self.counts.started += 1
+        return True
+
+    def _refuse_handshake(self, out: list[Output], client: _Peer, server: _Peer,
+                          refusal: Refusal) -> None:
+        """Over a limit: the server never hears of it (so it spends nothing), the client is
+        told that sender is gone for it. bob's and our receivers then forget that sender and
+        go on with the others; closing the client instead would end its other handshakes
+        too, each one an abandoned attempt for its sender."""
+        self.counts.handshakes_refused += 1
+        self._refusal_log.refused(
+            refusal, f"a handshake of {client.describe()} with {server.describe()}", self._clock())
+        self._link(client, server, _Link.ENDED)
+        self._send(out, client, wire.RELAY_UID, wire.Closed(server.uid))
+
+    def _end_handshake(self, client: _Peer, server: _Peer, *, failed: bool) -> None:
+        handshake = client.handshakes.pop(server.uid, None)
+        server.handshakes.pop(client.uid, None)
+        if handshake is None:
+            return
+        if failed:
+            self.counts.attempts_failed += 1
+        self.guard.end_handshake(handshake.attempt, self._clock(), failed=failed)
+
+    def _end_handshakes(self, peer: _Peer, *, failed: bool) -> None:
+        """End every handshake of ``peer``; ``failed`` counts them if it is the client."""
+        assert peer.role is not None
+        others = self._registered[_OTHER[peer.role]]
+        for uid in list(peer.handshakes):
+            other = others.get(uid)
+            if other is None:  # cannot happen: a departure ends its handshakes first
+                handshake = peer.handshakes.pop(uid)
+                self.guard.end_handshake(handshake.attempt, self._clock(), failed=False)
+            elif peer.role is Role.CLIENT:
+                self._end_handshake(peer, other, failed=failed)
+            else:
+                self._end_handshake(other, peer, failed=False)
 
     def _pair(self, out: list[Output], client: _Peer, server: _Peer) -> None:
         log.info("%s accepted %s: room booked", client.describe(), server.describe())
@@ -424,6 +529,9 @@ class Relay:
         """
         assert peer.role is not None
         candidates = self._candidates(peer)
+        # A client that leaves mid-handshake took the 06 (or may have) and went: the server
+        # counts that as an attempt, so the relay does too.
+        self._end_handshakes(peer, failed=True)
         self._unlink_all(peer)
         del self._registered[peer.role][peer.uid]
         self._uids.release(peer.uid)

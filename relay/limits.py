@@ -5,7 +5,9 @@ here refuses one kind of excess, and only the connection that exceeds it. The dr
 before it serves (``Guard.admit`` for a new connection, ``Guard.hello`` for each Hello,
 ``Guard.open_room`` for a room), tells the guard when things end, and carries out the
 refusal in the protocol's terms (a Timeout ``0f`` on the handshake port, ``01`` on the
-secure port, HTTP 503 on the WebSocket port).
+secure port, HTTP 503 on the WebSocket port). The relay core asks ``Guard.start_handshake``
+before it forwards a receiver's first handshake packet to a sender, and says how each
+handshake ended (``Guard.end_handshake``): see ``Failures`` for why.
 
 A *source* is an IPv4 address, or the /64 network of an IPv6 address: one IPv6 host
 usually holds a whole /64, so counting its single addresses would limit nothing.
@@ -20,6 +22,8 @@ from __future__ import annotations
 import collections
 import enum
 import ipaddress
+import logging
+import math
 from typing import Iterable, Union
 
 import attrs
@@ -41,6 +45,8 @@ class Refusal(enum.StrEnum):
     CONNECTIONS_PER_ADDRESS = "connections_per_address"
     HELLO_RATE = "hello_rate"
     ROOMS = "rooms"
+    FAILED_HANDSHAKES_PER_ADDRESS = "failed_handshakes_per_address"
+    FAILED_HANDSHAKES_PER_SENDER = "failed_handshakes_per_sender"
 
     def describe(self) -> str:
         return _DESCRIPTIONS[self]
@@ -51,7 +57,29 @@ _DESCRIPTIONS = {
     Refusal.CONNECTIONS_PER_ADDRESS: "too many connections from this address",
     Refusal.HELLO_RATE: "too many Hellos from this address",
     Refusal.ROOMS: "too many open rooms",
+    Refusal.FAILED_HANDSHAKES_PER_ADDRESS: "too many failed handshakes from this address",
+    Refusal.FAILED_HANDSHAKES_PER_SENDER: "too many failed handshakes with this sender",
 }
+
+
+@attrs.define
+class RefusalLog:
+    """One log line per limit per ``every`` seconds at most, saying how many were left out,
+    so that a flood of refusals cannot flood the log."""
+
+    logger: logging.Logger
+    every: float = 1.0
+    last: dict[Refusal, float] = attrs.Factory(dict)
+    unsaid: collections.Counter = attrs.Factory(collections.Counter)
+
+    def refused(self, refusal: Refusal, what: str, now: float) -> None:
+        if now - self.last.get(refusal, -math.inf) < self.every:
+            self.unsaid[refusal] += 1
+            return
+        more = self.unsaid.pop(refusal, 0)
+        self.logger.info("refused %s: %s%s", what, refusal.describe(),
+                         f" (and {more} more since the last such line)" if more else "")
+        self.last[refusal] = now
 
 
 def _networks(values: Iterable[str | Network]) -> tuple[Network, ...]:
@@ -62,6 +90,11 @@ def _networks(values: Iterable[str | Network]) -> tuple[Network, ...]:
 def _at_least_zero(instance: object, attribute: attrs.Attribute, value: float) -> None:
     if not value >= 0 or value == float("inf"):
         raise ValueError(f"{attribute.name} must be 0 or more, not {value!r}")
+
+
+def _positive(instance: object, attribute: attrs.Attribute, value: float) -> None:
+    if not value > 0 or value == float("inf"):
+        raise ValueError(f"{attribute.name} must be more than 0, not {value!r}")
 
 
 DEFAULT_EXEMPT = ("127.0.0.0/8", "::1/128")
@@ -85,6 +118,15 @@ class Limits:
     """Bytes per second one room may carry, both directions together (0: unlimited)."""
     exempt: tuple[Network, ...] = attrs.field(default=DEFAULT_EXEMPT, converter=_networks)
     """Addresses not counted per source."""
+    max_failed_handshakes_per_address: int = attrs.field(default=5, validator=_at_least_zero)
+    """Handshakes from one source that may end without an agreement per window (open ones
+    count too); past it, the source's new handshakes are refused until old failures age out."""
+    max_failed_handshakes_per_sender: int = attrs.field(default=20, validator=_at_least_zero)
+    """The same for one sender, from every source together. Our senders give up after 3 by
+    themselves; this caps the guesses at a bob sender, which has no limit of its own. It is
+    high because strangers who reach it block the sender's own receiver for a window."""
+    failed_handshake_window: float = attrs.field(default=600.0, validator=_positive)
+    """Seconds a failed handshake counts against its source and its sender."""
 
 
 def source_of(host: str, exempt: Iterable[Network] = ()) -> str | None:
@@ -155,6 +197,39 @@ class TokenBucket:
 
 
 @attrs.define(eq=False)
+class Failures:
+    """Failed handshakes of one source or one sender in the window, and handshakes open.
+
+    Each handshake a receiver runs with a sender gives it one offline guess of the code (the
+    sender's 06), and costs our sender one of its few attempts unless it ends in an
+    agreement. Someone without the code can run them with every waiting sender, from fresh
+    connections, so the relay counts them where one person cannot multiply them: per source
+    and per sender. Open handshakes count as failed until they end, or one could open many
+    at once and fail them all together. ``times`` holds no more than the limit allows (a
+    handshake is refused once the count reaches it), so memory stays small.
+    """
+
+    times: collections.deque = attrs.Factory(collections.deque)
+    open: int = 0
+
+    def recent(self, now: float, window: float) -> int:
+        """Failures within ``window`` seconds before ``now`` (older ones are forgotten)."""
+        while self.times and self.times[0] <= now - window:
+            self.times.popleft()
+        return len(self.times)
+
+
+@attrs.define(eq=False)
+class Attempt:
+    """A handshake the guard let start; end it once with ``Guard.end_handshake``."""
+
+    source: str | None
+    """The source counted, None if exempt."""
+    sender: Failures
+    ended: bool = False
+
+
+@attrs.define(eq=False)
 class Admission:
     """A connection the guard let in; give it back with ``Guard.release``."""
 
@@ -208,6 +283,8 @@ class Guard:
         self._per_source: collections.Counter[str] = collections.Counter()
         self._hellos: dict[str, TokenBucket] = {}
         self._prune_at = 1024
+        self._guessing: dict[str, Failures] = {}
+        self._guessing_prune_at = 1024
 
     def source(self, host: str) -> str | None:
         return source_of(host, self.limits.exempt)
@@ -295,6 +372,60 @@ class Guard:
 
     def room_meter(self, now: float) -> RoomMeter:
         return RoomMeter(self.limits.room_rate, now)
+
+    @property
+    def guessing_sources(self) -> int:
+        """Sources with open handshakes or failed ones in the window (what memory holds)."""
+        return len(self._guessing)
+
+    def start_handshake(self, host: str, sender: Failures, now: float) -> Attempt | Refusal:
+        """A receiver at ``host`` begins a handshake with the sender whose count is ``sender``:
+        an ``Attempt`` if it may, else the refusal."""
+        limits = self.limits
+        window = limits.failed_handshake_window
+        source = self.source(host)
+        counted = self._guessing.get(source) if source is not None else None
+        limit = limits.max_failed_handshakes_per_address
+        if limit and counted is not None and counted.recent(now, window) + counted.open >= limit:
+            return self._refuse(Refusal.FAILED_HANDSHAKES_PER_ADDRESS)
+        limit = limits.max_failed_handshakes_per_sender
+        if limit and sender.recent(now, window) + sender.open >= limit:
+            return self._refuse(Refusal.FAILED_HANDSHAKES_PER_SENDER)
+        if source is not None and counted is None:
+            if len(self._guessing) >= self._guessing_prune_at:
+                self.forget_failures(now)
+            counted = self._guessing[source] = Failures()
+        if counted is not None:
+            counted.open += 1
+        sender.open += 1
+        return Attempt(source, sender)
+
+    def end_handshake(self, attempt: Attempt, now: float, *, failed: bool) -> None:
+        """The handshake ended: ``failed`` if without an agreement, by the receiver's doing."""
+        if attempt.ended:
+            return
+        attempt.ended = True
+        limits = self.limits
+        attempt.sender.open -= 1
+        if failed and limits.max_failed_handshakes_per_sender:
+            attempt.sender.times.append(now)
+        counted = self._guessing.get(attempt.source) if attempt.source is not None else None
+        if counted is None:
+            return
+        counted.open -= 1
+        if failed and limits.max_failed_handshakes_per_address:
+            counted.times.append(now)
+        if not counted.open and not counted.recent(now, limits.failed_handshake_window):
+            del self._guessing[attempt.source]
+
+    def forget_failures(self, now: float) -> None:
+        """Forget sources with nothing open and no failure in the window: memory follows
+        recent handshakes, not every address ever seen."""
+        window = self.limits.failed_handshake_window
+        for source in [s for s, counted in self._guessing.items()
+                       if not counted.open and not counted.recent(now, window)]:
+            del self._guessing[source]
+        self._guessing_prune_at = max(1024, 2 * len(self._guessing))
 
     def _refuse(self, refusal: Refusal) -> Refusal:
         self.refused[refusal] += 1

@@ -75,6 +75,10 @@ class RelayCollector:
              "wrong code: Spoke_failure (0d) forwarded."),
             ("handshakes_declined", counts.refused, "Agreements the receiver declined "
              "(Refused, 0b)."),
+            ("handshake_attempts_failed", counts.attempts_failed, "Handshakes begun (07) that "
+             "ended without an agreement by the receiver's doing (a wrong code, a Spoke_failure "
+             "or Refused before the Agreement, or leaving): what the failed-handshake limits "
+             "count; refusals are in refused{limit=\"failed_handshakes_per_...\"}."),
             ("rooms_booked", counts.accepted, "Agreements the receiver accepted (Accepted, "
              "0a): a room is booked for the pair."),
             ("rooms_opened", server.rooms_opened, "Rooms that opened: both peers joined."),
@@ -86,8 +90,9 @@ class RelayCollector:
                                 value=len(server.open_rooms))
         yield GaugeMetricFamily(f"{PREFIX}_rooms_pending", "Booked rooms not yet joined by "
                                 "both peers.", value=server.rooms.pending)
-        refused = CounterMetricFamily(f"{PREFIX}_refused", "Connections (or Hellos, or rooms) "
-                                      "refused, by the limit that refused them.", labels=["limit"])
+        refused = CounterMetricFamily(f"{PREFIX}_refused", "Connections (or Hellos, rooms, "
+                                      "handshakes) refused, by the limit that refused them.",
+                                      labels=["limit"])
         for limit in Refusal:
             refused.add_metric([limit.value], server.guard.refused[limit])
         yield refused

@@ -45,7 +45,7 @@ import trio
 
 from relay import wire
 from relay.core import Close, Output, Relay, Send
-from relay.limits import Admission, Guard, Limits, Refusal, RoomMeter, host_of
+from relay.limits import Admission, Guard, Limits, Refusal, RefusalLog, RoomMeter, host_of
 from relay.pipe import blind_pipe
 from relay.rooms import Invalid, Paired, RoomBook, Waiting
 from relay.transports import (
@@ -374,24 +374,6 @@ class _Room:
     scope: trio.CancelScope
 
 
-@attrs.define
-class _RefusalLog:
-    """One log line per limit per ``REFUSAL_LOG_EVERY`` at most, saying how many were left out,
-    so that a flood of refused connections cannot flood the log."""
-
-    last: dict[Refusal, float] = attrs.Factory(dict)
-    unsaid: collections.Counter = attrs.Factory(collections.Counter)
-
-    def refused(self, refusal: Refusal, what: str, now: float) -> None:
-        if now - self.last.get(refusal, -math.inf) < REFUSAL_LOG_EVERY:
-            self.unsaid[refusal] += 1
-            return
-        more = self.unsaid.pop(refusal, 0)
-        log.info("refused %s: %s%s", what, refusal.describe(),
-                 f" (and {more} more since the last such line)" if more else "")
-        self.last[refusal] = now
-
-
 class RelayServer:
     """The running relay: one core, its connections, and who owns which task.
 
@@ -405,8 +387,10 @@ class RelayServer:
         self.sockets = dict(sockets or {})
         self.tls: ssl.SSLContext | None = None
         self.guard = Guard(config.limits)
+        self._refusal_log = RefusalLog(log, REFUSAL_LOG_EVERY)
         self.rooms = RoomBook(ttl=config.room_timeout)
-        self.relay = Relay(self.rooms, hello_gate=self._hello_gate)
+        self.relay = Relay(self.rooms, hello_gate=self._hello_gate, guard=self.guard,
+                           clock=trio.current_time, refusal_log=self._refusal_log)
         self.connections: collections.Counter[tuple[str, str]] = collections.Counter()
         """Connections being served, by (port, transport): ``("handshake", "tcp")``..."""
         self.open_rooms: set[_Room] = set()
@@ -418,7 +402,6 @@ class RelayServer:
         """Secure-port connections still reading their ticket: cancelled when stopping."""
         self._rooms_deadline = math.inf
         self._refusing = 0
-        self._refusal_log = _RefusalLog()
         self._janitor_wake = trio.Event()
         self._janitor_until = math.inf
         self._stopping = False

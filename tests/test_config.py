@@ -45,6 +45,9 @@ NON_DEFAULT = {
     "max-rooms": (7, ["--max-rooms", "7"]),
     "room-rate": (1_000_000, ["--room-rate", "1000000"]),
     "limit-exempt": (["192.0.2.0/24"], ["--limit-exempt", "192.0.2.0/24"]),
+    "max-failed-handshakes-per-address": (2, ["--max-failed-handshakes-per-address", "2"]),
+    "max-failed-handshakes-per-sender": (9, ["--max-failed-handshakes-per-sender", "9"]),
+    "failed-handshake-window": (90, ["--failed-handshake-window", "90"]),
     "metrics": ("127.0.0.1:9100", ["--metrics", "127.0.0.1:9100"]),
     "log-level": ("debug", ["--log-level", "debug"]),
     "log-format": ("json", ["--log-format", "json"]),
@@ -70,7 +73,8 @@ def expected_settings() -> tuple[RelayConfig, LogSettings]:
         room_timeout=45.0, upgrade_timeout=4.0, max_outbox=32768, shutdown_grace=5.0,
         limits=Limits(max_connections=500, max_connections_per_address=8, hello_rate=0.5,
                       hello_burst=4, max_rooms=7, room_rate=1_000_000,
-                      exempt=("192.0.2.0/24",)),
+                      exempt=("192.0.2.0/24",), max_failed_handshakes_per_address=2,
+                      max_failed_handshakes_per_sender=9, failed_handshake_window=90.0),
         metrics=("127.0.0.1", 9100),
     )
     return relay, LogSettings("debug", "json", True)
@@ -113,6 +117,21 @@ def test_flags_override_the_file_and_the_rest_of_the_file_stays(tmp_path):
     assert settings.relay.hello_timeout == 9.0
     assert settings.relay.hosts == ("::1",)
     assert settings.log.level == "debug"
+
+
+def test_the_failed_handshake_limits_come_from_the_file_and_0_turns_them_off(tmp_path):
+    path = tmp_path / "relay.toml"
+    path.write_text("max-failed-handshakes-per-address = 0\n"
+                    "max-failed-handshakes-per-sender = 6\n"
+                    "failed-handshake-window = 3600\n")
+    limits = config.load(path, {}).relay.limits
+    assert (limits.max_failed_handshakes_per_address, limits.max_failed_handshakes_per_sender,
+            limits.failed_handshake_window) == (0, 6, 3600.0)
+    assert Limits().max_failed_handshakes_per_address == 5
+    assert Limits().max_failed_handshakes_per_sender == 20
+    path.write_text("failed-handshake-window = 0\n")
+    with pytest.raises(config.ConfigError, match="failed-handshake-window: must be a positive"):
+        config.load(path, {})
 
 
 def test_an_empty_list_in_the_file_exempts_nobody(tmp_path):

@@ -187,8 +187,7 @@ class Harness:
         if pkt.TYPE not in wire.PEER_TO_PEER:
             assert pkt.TYPE in wire.RELAY_ONLY
             assert frame.uid == wire.RELAY_UID
-            if isinstance(pkt, wire.ClientIdentity):
-                self._forget_pairs(dest)  # a client's (repeated) Hello: every pair anew
+            # A client's repeated Hello (03 again) keeps its pairs: ended ones stay ended.
             if isinstance(pkt, wire.NewServer):
                 # A sender (re)announced to this client: their pair starts over.
                 server = next((c for c, (r, u) in peers.items()
@@ -199,6 +198,8 @@ class Harness:
             if isinstance(pkt, wire.Closed) and pkt.peer_uid != 0:
                 gone = next(c for c, (_, u) in peers.items() if u == pkt.peer_uid)
                 assert peers[gone][0] is not peers[dest][0]
+                # A departure, or a handshake the limits refused: either way no longer a pair.
+                self.ended.add(frozenset((dest, gone)))
             return
         assert source is not None and dest != source
         assert source in peers and dest in peers
@@ -340,27 +341,32 @@ def test_a_client_hello_costs_one_packet_per_server():
     assert sorted(o.conn for o in out) == sorted(["S-late", "C0", "C1", "C2", "late"])
 
 
-def test_repeated_hello_resends_identity_and_broadcasts_and_revives_pairs():
+def test_repeated_hello_resends_identity_and_candidates_but_ended_pairs_stay_ended():
     h = Harness()
     h.join("S", Role.SERVER, SERVER_ID)
     h.join("C", Role.CLIENT, CLIENT_ID)
     h.receive("C", packet(1, wire.Refused()))
     assert h.relay.candidates_of("C") == frozenset()
     h.take("C")
+    # Issue 16: reviving them let one connection guess again and again at every sender.
+    out = h.receive("C", HELLO_CLIENT)
+    assert out == [Send("C", b"000003127.0.0.1:40000\0")]
+    assert h.uid("C") == 2  # same UID
+    assert h.relay.candidates_of("C") == frozenset()
+    h.join("S2", Role.SERVER)
     out = h.receive("C", HELLO_CLIENT)
     assert out == [
         Send("C", b"000003127.0.0.1:40000\0"),
-        Send("C", packet(0, wire.NewServer(1, PUBLIC, SERVER_ID))),
+        Send("C", packet(0, wire.NewServer(3, PUBLIC, ident(3)))),
     ]
-    assert h.uid("C") == 2  # same UID
-    assert h.relay.candidates_of("C") == {1}
+    # The sender's own new public is a new session, announced (and open) to all again.
     other_public = bytes(reversed(PUBLIC))
     out = h.receive("S", packet(0, wire.HelloServer(other_public)))
     assert out == [
         Send("S", b"000002127.0.0.1:40001\0"),
         Send("C", packet(0, wire.NewServer(1, other_public, SERVER_ID))),
     ]
-    assert h.uid("S") == 1 and h.relay.uids_in_use == 2
+    assert h.uid("S") == 1 and h.relay.uids_in_use == 3
 
 
 def test_a_sender_repeating_its_hello_is_announced_again_only_where_its_pair_ended():

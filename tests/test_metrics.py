@@ -13,7 +13,7 @@ from relay.limits import Limits
 from relay.pipe import CLOSE_MARKER
 from relay.server import RelayConfig
 
-from test_relay_server import (PUBLIC, Peer, agree, enter_room, read_all, read_exactly,
+from test_relay_server import (PUBLIC, X, Peer, agree, enter_room, read_all, read_exactly,
                                register, running)
 
 LIMIT = 15
@@ -116,6 +116,30 @@ async def test_refusals_are_counted_by_limit():
             await kept.send(0, wire.HelloServer(PUBLIC))
             await kept.expect(0, wire.ServerIdentity(kept.identity))
             await kept.close()
+
+
+async def test_failed_handshakes_and_the_ones_refused_for_them_are_counted():
+    config = metrics_config(limits=Limits(exempt=(), max_failed_handshakes_per_address=1))
+    with trio.fail_after(LIMIT):
+        async with running(config) as ports:
+            server, server_uid, client, client_uid = await register("127.0.0.1", ports)
+            await client.send(server_uid, wire.SpokeFailure(1))  # a wrong code
+            await server.expect(client_uid, wire.SpokeFailure(1))
+            second = await Peer.connect("127.0.0.1", ports.port)
+            await second.send(0, wire.HelloClient())
+            await second.expect(0, wire.ClientIdentity(second.identity))
+            await second.expect(0, wire.NewServer(server_uid, PUBLIC, server.identity))
+            await second.send(server_uid, wire.XAndClientIdentity(X, second.identity))
+            await second.expect(0, wire.Closed(server_uid))  # refused: one failure is the limit
+            samples = await scrape(ports.metrics_port)
+            assert value(samples, "peer_relay_handshake_attempts_failed_total") == 1
+            assert value(samples, "peer_relay_handshakes_started_total") == 1
+            assert value(samples, "peer_relay_refused_total",
+                         limit="failed_handshakes_per_address") == 1
+            assert value(samples, "peer_relay_refused_total",
+                         limit="failed_handshakes_per_sender") == 0
+            for peer in (server, client, second):
+                await peer.close()
 
 
 async def test_only_get_and_head_of_metrics_are_answered():
