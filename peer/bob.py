@@ -5,10 +5,11 @@ How each side knows the other is bob (also in docs/transfer.md):
   cannot carry records, where ours advertises 0 (AES-GCM) so that we can answer;
 - a sender waits ``sending.BOB_WAIT`` seconds for our receiver's HELLO, which our receiver sends the
   moment the room opens; bob's receiver never sends anything, so silence means bob. Should
-  a slow link make our receiver's HELLO late, the sender sends a PACK and our receiver,
-  which also reads PACK, still gets a verified transfer.
-bob cannot acknowledge: its receiver just closes after the trailer. That close is the best
-a sender can learn, and we say so instead of claiming a confirmation.
+  a slow link (or a relay) make our receiver's HELLO late, the sender sends a PACK and our
+  receiver, which also reads PACK, still gets a verified transfer, and ACKs it (pack-ack).
+bob cannot acknowledge: its receiver just closes after the trailer. A clean close after the
+whole PACK is the best a sender can learn from it, and we say so instead of claiming a
+confirmation; from a receiver that said HELLO, only its ACK counts.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """``peer send`` and ``peer recv``: argument parsing and the order of the steps, nothing more.
 
-Exit status: 0 only when the transfer was verified end to end; 1 for any failure (one line
+Exit status: 0 only when the transfer was verified end to end (or, for a bob receiver, which
+cannot confirm, closed cleanly after the whole PACK); 1 for any failure (one line
 on stderr saying why); 2 for a usage error; 130 when interrupted.
 """
 
