@@ -198,6 +198,11 @@ class Relay:
         return len(self._conns)
 
     @property
+    def open_handshakes(self) -> int:
+        """Handshakes under way (a 07 forwarded, not ended yet)."""
+        return sum(len(peer.handshakes) for peer in self._registered[Role.CLIENT].values())
+
+    @property
     def uids_in_use(self) -> int:
         return self._uids.in_use
 

@@ -374,6 +374,11 @@ class Guard:
         return RoomMeter(self.limits.room_rate, now)
 
     @property
+    def open_handshakes(self) -> int:
+        """Handshakes let start and not ended yet, from sources counted per address."""
+        return sum(counted.open for counted in self._guessing.values())
+
+    @property
     def guessing_sources(self) -> int:
         """Sources with open handshakes or failed ones in the window (what memory holds)."""
         return len(self._guessing)

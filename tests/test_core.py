@@ -17,6 +17,7 @@ from hypothesis.stateful import (
 
 from relay import core, wire
 from relay.core import Close, Relay, Role, Send
+from relay.limits import Guard, Limits
 from relay.rooms import Paired, RoomBook, Waiting
 from relay.uids import UidPool
 
@@ -821,8 +822,12 @@ class RelayMachine(RuleBasedStateMachine):
 
     def __init__(self):
         super().__init__()
-        # A 5-UID pool so that exhaustion and UID reuse happen too.
-        self.h = Harness(Relay(rooms=RoomBook(ttl=10.0), uids=UidPool(size=5)))
+        # A 5-UID pool so that exhaustion and UID reuse happen too; failed-handshake limits
+        # low enough that refusals (a Closed to the client alone) happen too.
+        guard = Guard(Limits(exempt=(), max_failed_handshakes_per_address=2,
+                             max_failed_handshakes_per_sender=1))
+        self.h = Harness(Relay(rooms=RoomBook(ttl=10.0), uids=UidPool(size=5), guard=guard,
+                               clock=lambda: 0.0))
         self.count = 0
         self.dirty = set()
 
@@ -913,11 +918,32 @@ class RelayMachine(RuleBasedStateMachine):
     def depart(self, data, event):
         getattr(self.h, event)(data.draw(st.sampled_from(self.live())))
 
+    @precondition(lambda self: self.registered())
+    @rule(data=st.data(), ending=st.sampled_from([wire.SpokeFailure(1), wire.Refused(), None]))
+    def a_guess(self, data, ending):
+        """A client's 07 to a server (refused once the limits are reached), then a failure,
+        or nothing (it stays open until someone leaves)."""
+        h = self.h
+        clients = [c for c in self.registered() if h.relay.registered(c) is Role.CLIENT]
+        servers = [c for c in self.registered() if h.relay.registered(c) is Role.SERVER]
+        if not clients or not servers:
+            return
+        client, server = data.draw(st.sampled_from(clients)), data.draw(st.sampled_from(servers))
+        h.receive(client, packet(h.uid(server), wire.XAndClientIdentity(X, CLIENT_ID)))
+        if ending is not None and client in h.live and h.relay.registered(server):
+            h.receive(client, packet(h.uid(server), ending))
+
     @rule(roll=st.integers(0, 19))
     def rarely_shutdown(self, roll):
         if roll == 0:
             self.h.shutdown()
             assert self.h.relay.connections == 0
+
+    @invariant()
+    def every_open_handshake_is_counted_once_by_the_guard(self):
+        relay = self.h.relay
+        assert relay.guard.open_handshakes == relay.open_handshakes
+        assert relay.counts.started >= relay.counts.attempts_failed + relay.open_handshakes
 
     @invariant()
     def booked_rooms_match_pairings(self):
