@@ -461,9 +461,13 @@ class SenderHandshake(_Machine):
 
     def _on_refused(self, uid: int) -> list[Event]:
         slot = self._receivers.get(uid)
-        if slot is None or slot.keys is None:
+        if slot is None:
             return [_send(wire.RELAY_UID, wire.RelayFailure(b"H", uid))]
         del self._receivers[uid]
+        if slot.keys is None:
+            # Refused before its proof: no honest receiver does that, and our relay ends the
+            # pair, so no Closed would ever free this slot. It saw our 06: a guess.
+            return self._spend(slot, AttemptKind.ABANDONED, "it refused before proving the code")
         return [Declined(partner_uid=uid, partner_identity=slot.identity)]
 
     def _on_spoke_failure(self, uid: int, code: int) -> list[Event]:

@@ -956,6 +956,12 @@ def test_the_sender_tells_a_wrong_code_from_an_abandoned_handshake():
         machine = _sender_with_an_attempt(2)
         events = machine.receive(wire.Frame(2, wire.SpokeFailure(code)), 0)
         assert _attempts(events) == [(AttemptKind.ABANDONED, f"it broke off (spoke failure {code})", 1)]
+    # Refused before its proof: the relay ends that pair, so the slot must not wait for a
+    # Closed that never comes (three such would silence the sender for good).
+    machine = _sender_with_an_attempt(2)
+    events = machine.receive(wire.Frame(2, wire.Refused()), 0)
+    assert _attempts(events) == [(AttemptKind.ABANDONED, "it refused before proving the code", 1)]
+    assert machine._in_flight() == 0
 
 
 def test_the_sender_gives_up_saying_someone_else_may_be_guessing():
