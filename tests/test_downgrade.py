@@ -23,7 +23,7 @@ from relay import wire
 from processes import finish, peer
 
 CODE = "417-cobalt-lemon-unicycle"
-CIPHER1 = 14  # offset of cipher1 inside the 34-byte public (docs/protocol.md, spoke's public)
+CIPHER0, CIPHER1 = 12, 14  # offsets of the cipher ids in the 34-byte public (docs/protocol.md)
 LATE = sending.BOB_WAIT + 4.0
 """How long the proxy holds our receiver's HELLO back: past the sender's wait for it."""
 
@@ -112,9 +112,9 @@ def room(*, hello_after: float | None, rest: bool, hang_up: str) -> Relay:
     return downstream
 
 
-def rewrite_cipher1(value: int) -> Relay:
-    """The handshake port, relay to receiver: every 04 announces the sender's public with
-    ``cipher1`` replaced by ``value`` (bob's ChaCha20 is 2)."""
+def rewrite_public(offset: int, value: int) -> Relay:
+    """The handshake port, relay to receiver: every 04 announces the sender's public with the
+    cipher id at ``offset`` replaced by ``value`` (bob's cipher1 is ChaCha20, 2)."""
 
     async def downstream(relay: trio.SocketStream, client: trio.SocketStream) -> None:
         parser = wire.Parser()
@@ -124,7 +124,7 @@ def rewrite_cipher1(value: int) -> Relay:
             for frame in parser.frames():
                 packet = frame.packet
                 if isinstance(packet, wire.NewServer):
-                    public = packet.public[:CIPHER1] + value.to_bytes(2, "big") + packet.public[CIPHER1 + 2 :]
+                    public = packet.public[:offset] + value.to_bytes(2, "big") + packet.public[offset + 2 :]
                     packet = wire.NewServer(packet.server_uid, public, packet.identity)
                 out.append(wire.encode(frame.uid, packet))
             await client.send_all(b"".join(out))
@@ -224,12 +224,14 @@ async def test_a_withheld_hello_then_a_clean_close_claims_no_confirmation(relay_
     assert "bob cannot confirm" in err and "the receiver confirmed" not in err, err
 
 
-@pytest.mark.parametrize("cipher1", [spoke.CIPHER_CHACHA20_POLY1305, 1])
-async def test_a_rewritten_cipher1_cannot_force_the_bob_fallback(relay_process, tmp_path, cipher1):
+@pytest.mark.parametrize("offset, cipher", [
+    (CIPHER1, spoke.CIPHER_CHACHA20_POLY1305), (CIPHER1, spoke.CIPHER_AES_CCM16), (CIPHER0, spoke.CIPHER_AES_CCM16),
+])
+async def test_a_rewritten_cipher_id_cannot_force_the_bob_fallback(relay_process, tmp_path, offset, cipher):
     async with trio.open_nursery() as nursery:
         with trio.fail_after(60):
             (status, _, err), (rstatus, _, rerr), _ = await transfer(
-                relay_process, tmp_path, nursery, receiver_handshake=rewrite_cipher1(cipher1))
+                relay_process, tmp_path, nursery, receiver_handshake=rewrite_public(offset, cipher))
         nursery.cancel_scope.cancel()
     # Never a claim of success that nobody confirmed: either the full ACK or a clear failure.
     assert status == 1, err
