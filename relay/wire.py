@@ -102,6 +102,29 @@ class HelloClient:
 
 
 @attrs.frozen
+class HelloScopedClient:
+    """A receiver registers for one nameplate only (docs/protocol.md §10): it is told about
+    the senders whose salt starts with that number, so its arrival costs the relay the
+    senders of its nameplate rather than the whole crowd. bob's relay does not know it."""
+
+    TYPE: ClassVar[int] = 0x10
+    FIXED: ClassVar[int] = 2
+    HAS_IDENTITY: ClassVar[bool] = False
+    nameplate: int
+
+    def __attrs_post_init__(self) -> None:
+        if not 0 <= self.nameplate <= 0xFFFF:
+            raise ValueError(f"nameplate must be 0..65535, not {self.nameplate}")
+
+    def body(self) -> bytes:
+        return self.nameplate.to_bytes(2, "big")
+
+    @classmethod
+    def from_body(cls, fixed: bytes, identity: bytes | None) -> HelloScopedClient:
+        return cls(int.from_bytes(fixed, "big"))
+
+
+@attrs.frozen
 class ServerIdentity:
     """The relay tells a sender the address it sees; it is hashed into the handshake."""
 
@@ -374,7 +397,7 @@ class Timeout:
 Packet = Union[
     HelloServer, HelloClient, ServerIdentity, ClientIdentity, NewServer, ClientValidator,
     YAndServerValidator, XAndClientIdentity, Agreement, Closed, Accepted, Refused,
-    RelayFailure, SpokeFailure, Done, Timeout,
+    RelayFailure, SpokeFailure, Done, Timeout, HelloScopedClient,
 ]
 
 PACKET_TYPES: dict[int, type] = {
@@ -382,7 +405,7 @@ PACKET_TYPES: dict[int, type] = {
     for cls in (
         HelloServer, HelloClient, ServerIdentity, ClientIdentity, NewServer, ClientValidator,
         YAndServerValidator, XAndClientIdentity, Agreement, Closed, Accepted, Refused,
-        RelayFailure, SpokeFailure, Done, Timeout,
+        RelayFailure, SpokeFailure, Done, Timeout, HelloScopedClient,
     )
 }
 
@@ -465,7 +488,7 @@ def _parse_one(buf: bytearray) -> tuple[Frame, int] | None:
     kind = _parse_hex(bytes(buf[4:6]), "packet type")
     cls = PACKET_TYPES.get(kind)
     if cls is None:
-        raise WireError(f"packet type {kind:02x} is above 0f")
+        raise WireError(f"packet type {kind:02x} is unknown (00-10)")
     fixed_end = HEADER_SIZE + cls.FIXED
     if len(buf) < fixed_end:
         return None

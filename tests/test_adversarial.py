@@ -248,7 +248,7 @@ targets = st.one_of(
     st.tuples(st.just("uid"), uids),
 )
 OVERSIZED = [
-    b"000010",  # type above 0f
+    b"000011",  # type above 10
     b"00zz01",  # UID not hexadecimal
     b"0000 1",  # type not hexadecimal
     b"000002" + b"A" * 80,  # identity without NUL within 53 bytes

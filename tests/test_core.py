@@ -655,7 +655,7 @@ def test_malformed_input_closes_only_that_connection(pair):
 
 
 @pytest.mark.parametrize("garbage", [
-    b"00000d\x09", b"000010", b"0000ff", b"x", b"0001Q", b"000002" + b"a" * 60,
+    b"00000d\x09", b"000011", b"0000ff", b"x", b"0001Q", b"000002" + b"a" * 60,
     b"000000" + bytes(34) + b"000cZ0000",
 ])
 def test_every_kind_of_malformed_input_is_one_close(garbage):
