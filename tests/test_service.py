@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import pytest
 import trio
@@ -116,6 +117,89 @@ def test_each_socket_unit_names_its_socket_for_the_relay():
     assert names == {"peer-relay.socket": ["handshake"], "peer-relay-secure.socket": ["secure"],
                      "peer-relay-websocket.socket": ["websocket"]}
     assert all(name in systemd.SOCKET_NAMES for values in names.values() for name in values)
+
+
+# -- the template unit: several instances on one host (docs/scaling.md) --------------------
+
+TEMPLATE = "peer-relay@.service"
+HARDENING = ("DynamicUser", "NoNewPrivileges", "ProtectSystem", "ProtectHome", "PrivateTmp",
+             "PrivateDevices", "CapabilityBoundingSet", "AmbientCapabilities",
+             "RestrictAddressFamilies", "SystemCallFilter", "SystemCallErrorNumber", "UMask",
+             "LimitNOFILE", "TimeoutStopSec", "KillMode", "WatchdogSec", "Type")
+
+
+def example_instance_file() -> str:
+    """The instance-1.toml shown in the template's comments, as TOML."""
+    text = (UNITS / TEMPLATE).read_text()
+    lines = re.findall(r"^#     ((?:[a-z-]+) = .*)$", text, re.MULTILINE)
+    assert lines, "the template no longer shows an instance file"
+    return "\n".join(lines) + "\n"
+
+
+def test_the_template_reads_each_instance_s_own_file_and_is_hardened_as_the_service():
+    template, service = unit(TEMPLATE), unit("peer-relay.service")
+    assert template["ExecStart"] == [
+        "/opt/peer-relay/bin/peer-relay --config /etc/peer-relay/instance-%i.toml"]
+    # Without its file an instance would bind the default ports of another: refuse instead.
+    assert template["AssertPathExists"] == ["/etc/peer-relay/instance-%i.toml"]
+    for key in HARDENING:
+        assert template[key] == service[key], key
+    # The instances bind their own ports: no socket unit is shared between them.
+    assert "Wants" not in template and "Also" not in template and "Sockets" not in template
+
+
+def test_the_template_s_example_instance_file_is_a_valid_configuration():
+    from relay import config
+
+    path = Path(tempfile.mkdtemp(prefix="instance-")) / "instance-1.toml"
+    try:
+        path.write_text(example_instance_file())
+        values = config.read_file(path)
+    finally:
+        shutil.rmtree(path.parent)
+    ports = [values["port"], values["secure-port"], values["ws-port"], values["metrics"][1]]
+    assert len(set(ports)) == 4
+    assert values["trust-proxy"] == ("127.0.0.1",)
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")
+def test_systemd_analyze_verifies_an_instance_of_the_template(tmp_path):
+    # systemd loads "peer-relay@2.service" from the template with %i = 2.
+    text = (UNITS / TEMPLATE).read_text().replace("ExecStart=/opt/peer-relay/bin/peer-relay",
+                                                   f"ExecStart={sys.executable} -m relay")
+    (tmp_path / "peer-relay@2.service").write_text(text)
+    result = subprocess.run(["systemd-analyze", "verify", "--man=no", "peer-relay@2.service"],
+                            capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert result.returncode == 0 and not result.stderr.strip(), result.stderr
+
+
+def test_two_instances_run_side_by_side_from_their_files(tmp_path):
+    """The template's command line, %i = 1 and 2, with loopback ports in the example file."""
+    template = unit(TEMPLATE)["ExecStart"][0]
+    relays = []
+    try:
+        for instance in ("1", "2"):
+            ports = {name: free_port() for name in ("port", "secure-port", "ws-port")}
+            text = re.sub(r"^(port|secure-port|ws-port) = \d+",
+                          lambda m: f"{m[1]} = {ports[m[1]]}", example_instance_file(),
+                          flags=re.MULTILINE)
+            text = re.sub(r'^metrics = .*$', f'metrics = "127.0.0.1:{free_port()}"', text,
+                          flags=re.MULTILINE)
+            (tmp_path / f"instance-{instance}.toml").write_text(text + 'host = ["127.0.0.1"]\n')
+            command = (template.replace("%i", instance)
+                       .replace("/opt/peer-relay/bin/peer-relay", f"{sys.executable} -m relay")
+                       .replace("/etc/peer-relay", str(tmp_path)))
+            relay = subprocess.Popen(command.split(), stdout=subprocess.PIPE,
+                                     stderr=subprocess.DEVNULL, env=child_env())
+            relays.append(relay)
+            line = read_line(relay)
+            assert (f"127.0.0.1:{ports['port']} (handshake) and 127.0.0.1:{ports['secure-port']} "
+                    f"(secure room), 127.0.0.1:{ports['ws-port']} (websocket)") in line, line
+        assert all(relay.poll() is None for relay in relays)
+    finally:
+        for relay in relays:
+            assert stop(relay) == 0
+            relay.stdout.close()
 
 
 # -- socket activation ----------------------------------------------------------------------
