@@ -43,9 +43,15 @@ class RelayAddress:
     def websocket(self) -> bool:
         return self.scheme in ("ws", "wss")
 
-    def endpoint_path(self, name: str) -> str:
-        """The WebSocket path of ``handshake`` or ``room`` under this address's prefix."""
-        return self.path.rstrip("/") + "/" + name
+    def endpoint_path(self, name: str, nameplate: int | None = None) -> str:
+        """The WebSocket path of ``handshake`` or ``room`` under this address's prefix.
+
+        With the code's ``nameplate``, ``?nameplate=N`` follows: relays ignore it, and a
+        balancer hashing on it sends both peers of a pair, and both connections of each, to
+        the same relay instance (docs/websocket.md).
+        """
+        path = self.path.rstrip("/") + "/" + name
+        return path if nameplate is None else f"{path}?nameplate={nameplate:d}"
 
     def host_header(self) -> str:
         """``host[:port]`` as an HTTP Host header names this relay (port left out if default)."""

@@ -49,7 +49,9 @@ That cuts cross-talk and wasted guesses without changing a byte of the protocol:
 receiver still tries every sender and finds ours, and our receiver with a bob password (no
 nameplate) still tries everyone. The nameplate is public by design (the salt is sent in
 clear to every receiver); the secret is the rest of the code, and only that part counts as
-its entropy.
+its entropy. Our receiver also registers with the scoped Hello (10) so that our relay announces
+only the senders of its nameplate; against a relay that does not answer 10 it emits
+``ReconnectPlain`` and registers with 01 on a new connection (``peer.nameplates`` says why).
 
 Wrong code (receiver). The receiver learns that its code is wrong when a sender's validator
 does not match (it answers Spoke_failure 1). Another sender may still be coming, so it waits
@@ -68,12 +70,12 @@ from __future__ import annotations
 
 import enum
 import math
-import os
 from typing import Callable, Union
 
 import attrs
 
 from peer import spoke
+from peer.nameplates import SCOPED_PATIENCE, ScopedRegistration, nameplate_of, salt_for, salt_matches
 from relay import wire
 
 __all__ = [
@@ -91,6 +93,8 @@ __all__ = [
     "Paired",
     "ProofFailed",
     "ReceiverHandshake",
+    "ReconnectPlain",
+    "SCOPED_PATIENCE",
     "Registered",
     "SENDERS_PER_ATTEMPT",
     "SendFrame",
@@ -108,12 +112,6 @@ DEFAULT_GRACE = 2.0
 """Seconds a receiver whose code was rejected waits for another sender before giving up."""
 COSTLY_PATIENCE = 2.0
 """Seconds a receiver lets a handshake in flight go quiet before it answers a costly sender."""
-
-MAX_NAMEPLATE = 0xFFFF
-_NAMEPLATE_DIGITS = 5
-_NAMEPLATE_SIZE = 2
-_SALT_OFFSET = spoke.PUBLIC_SIZE - spoke.SALT_SIZE
-"""Where the salt starts in an encoded public (the raw 04 body is filtered before decoding)."""
 
 RELAY_CLOSED_REASON = "the relay closed the connection"
 
@@ -133,6 +131,14 @@ class Registered:
     """The relay accepted us and told us our identity (the address it sees)."""
 
     identity: bytes
+
+
+@attrs.frozen
+class ReconnectPlain:
+    """Receiver only: the relay did not take our scoped Hello (10). Close this connection,
+    open a new one, then call ``reconnected``; ``reason`` is for a debug log."""
+
+    reason: str
 
 
 @attrs.frozen(kw_only=True)
@@ -231,40 +237,9 @@ class Failed:
 
 
 Event = Union[
-    SendFrame, Registered, Verified, Agreed, AgreementWithdrawn, Declined, AttemptFailed,
+    SendFrame, Registered, ReconnectPlain, Verified, Agreed, AgreementWithdrawn, Declined, AttemptFailed,
     ProofFailed, Paired, Failed,
 ]
-
-
-# --- nameplates -----------------------------------------------------------------------------
-
-
-def nameplate_of(password: bytes) -> int | None:
-    """The public number a code starts with (``417-...`` → 417), or None for other passwords.
-
-    One to five ASCII digits, a dash, then anything; the value must fit the two salt bytes.
-    """
-    dash = password.find(b"-")
-    if not 1 <= dash <= _NAMEPLATE_DIGITS:
-        return None
-    digits = password[:dash]
-    if not all(0x30 <= c <= 0x39 for c in digits):
-        return None
-    value = int(digits)
-    return value if value <= MAX_NAMEPLATE else None
-
-
-def salt_for(nameplate: int | None) -> bytes:
-    """A fresh spoke salt, led by the nameplate (big-endian) when there is one."""
-    if nameplate is None:
-        return os.urandom(spoke.SALT_SIZE)
-    prefix = nameplate.to_bytes(_NAMEPLATE_SIZE, "big")
-    return prefix + os.urandom(spoke.SALT_SIZE - _NAMEPLATE_SIZE)
-
-
-def _salt_matches(public: bytes, nameplate: int) -> bool:
-    start = _SALT_OFFSET
-    return public[start : start + _NAMEPLATE_SIZE] == nameplate.to_bytes(_NAMEPLATE_SIZE, "big")
 
 
 # --- shared machinery -----------------------------------------------------------------------
@@ -295,6 +270,13 @@ class _Machine:
     def _finish(self, event: Paired | Failed) -> list[Event]:
         self._finished = True
         return [event]
+
+    def connection_lost(self, reason: str, now: float) -> list[Event]:
+        """The driver lost the relay connection (closed, broken or garbled); ``reason`` is
+        for the user if this ends the handshake."""
+        if self.finished:
+            return []
+        return self._finish(Failed(reason, FailureKind.RELAY_CLOSED))
 
     def _relay_goodbye(self, frame: wire.Frame) -> list[Event] | None:
         """Failed for 0f or 09 0000; None when the frame is something else.
@@ -559,6 +541,7 @@ class ReceiverHandshake(_Machine):
         *,
         max_attempts: int = DEFAULT_MAX_ATTEMPTS,
         grace: float = DEFAULT_GRACE,
+        scoped: bool = True,
         make_scalar: Callable[[], bytes] | None = None,
     ) -> None:
         if grace < 0:
@@ -575,6 +558,8 @@ class ReceiverHandshake(_Machine):
         self.senders_answered = 0
         """Senders we sent our X (07) to, whatever came of it."""
         self.nameplate = nameplate_of(password)
+        self.registration = ScopedRegistration(self.nameplate, scoped=scoped)
+        """Which Hello we sent and whether the relay took the scoped one (``.scoped``)."""
         self._make_scalar = make_scalar
         self.identity: bytes | None = None
         self._senders: dict[int, _SenderSlot] = {}
@@ -586,23 +571,35 @@ class ReceiverHandshake(_Machine):
         self._deadline: float | None = None
 
     def start(self, now: float) -> list[Event]:
-        """Register with the relay as a receiver (packet 01)."""
-        return self._start(wire.HelloClient())
+        """Register with the relay as a receiver: packet 10 with a nameplate, else 01."""
+        return self._start(self.registration.hello(now))
+
+    def reconnected(self, now: float) -> list[Event]:
+        """The driver opened a new connection after ``ReconnectPlain``: register with 01."""
+        return [_send(wire.RELAY_UID, self.registration.plain_hello())]
+
+    def connection_lost(self, reason: str, now: float) -> list[Event]:
+        """Before 03 to a scoped Hello, a lost connection means a relay that refused 10."""
+        if not self.finished and self.registration.lost():
+            return [ReconnectPlain(f"no answer to the scoped Hello: {reason}")]
+        return super().connection_lost(reason, now)
 
     def next_deadline(self) -> float | None:
-        """When ``tick`` must be called: the end of the wrong-code grace period, or when a
-        costly sender may be answered (possibly already past)."""
-        if self.finished:
+        """When ``tick`` must be called: the end of the scoped Hello's wait or of the
+        wrong-code grace period, or when a costly sender may be answered (maybe past)."""
+        if self.finished or self.registration.awaiting_reconnection:
             return None
-        due = self._costly_due()
-        if due is None or self._deadline is None:
-            return self._deadline if due is None else due
-        return min(due, self._deadline)
+        due = [t for t in (self._costly_due(), self._deadline, self.registration.deadline)
+               if t is not None]
+        return min(due) if due else None
 
     def tick(self, now: float) -> list[Event]:
-        """Fail after the grace period, or answer the costly sender that is due, if any."""
+        """Fall back to 01, fail after the grace period, or answer the costly sender that is
+        due, if any."""
         if self.finished:
             return []
+        if self.registration.expired(now):
+            return [ReconnectPlain(f"no answer to the scoped Hello in {SCOPED_PATIENCE:g} s")]
         if self._deadline is not None and now >= self._deadline:
             return self._finish(
                 Failed(
@@ -665,12 +662,15 @@ class ReceiverHandshake(_Machine):
     def receive(self, frame: wire.Frame, now: float) -> list[Event]:
         if self.finished:
             return []
+        if self.registration.awaiting_reconnection:
+            return []  # late frames of the connection we were told to drop
         goodbye = self._relay_goodbye(frame)
         if goodbye is not None:
             return goodbye
         packet, uid = frame.packet, frame.uid
         if _from_relay(frame):
             if isinstance(packet, wire.ClientIdentity):
+                self.registration.registered()
                 self.identity = packet.identity
                 return [Registered(packet.identity)]
             if isinstance(packet, wire.NewServer):
@@ -699,7 +699,7 @@ class ReceiverHandshake(_Machine):
             return []
         if self._stopped_answering():
             return []
-        if self.nameplate is not None and not _salt_matches(packet.public, self.nameplate):
+        if self.nameplate is not None and not salt_matches(packet.public, self.nameplate):
             return []  # someone else's transfer: do not spend their guesses or our CPU
         try:
             public = spoke.Public.decode(packet.public)

@@ -6,6 +6,7 @@ nothing else, so every protocol decision stays testable without a network.
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Awaitable, Callable
 
@@ -17,6 +18,8 @@ from relay import wire
 from . import handshake
 from .address import RelayAddress
 from .rendezvous import RelayError, RelayLink, open_room
+
+log = logging.getLogger(__name__)
 
 
 class HandshakeFailed(Exception):
@@ -56,21 +59,36 @@ async def meet(
     asked about each agreement a receiver reaches (it may prompt the user); without it every
     agreement is accepted. ``on_registered`` runs once the relay has given us an identity.
     """
-    link = await RelayLink.open(address)
+    nameplate = machine.nameplate
+    link = await RelayLink.open(address, nameplate=nameplate)
     try:
-        paired = await _run(link, machine, notify, decide, on_registered)
+        pending: list[handshake.Event] = list(machine.start(trio.current_time()))
+        while True:
+            outcome = await _run(link, machine, pending, notify, decide, on_registered)
+            if isinstance(outcome, handshake.Paired):
+                break
+            # The relay did not take the scoped Hello; the old connection may be deaf (bob's
+            # relay stops reading at an unknown type), so register plainly on a new one.
+            log.debug("%s: registering with a plain Hello on a new connection", outcome.reason)
+            await link.aclose()
+            link = await RelayLink.open(address, nameplate=nameplate)
+            assert isinstance(machine, handshake.ReceiverHandshake)
+            pending = machine.reconnected(trio.current_time())
     finally:
         await link.aclose()
-    stream = await open_room(address, link.peer_host, paired.partner_identity, timeout=room_timeout)
+    stream = await open_room(address, link.peer_host, outcome.partner_identity,
+                             timeout=room_timeout, nameplate=nameplate)
     assert machine.identity is not None
-    return Meeting(paired, machine.identity, stream)
+    return Meeting(outcome, machine.identity, stream)
 
 
 WORK_PAUSE = 0.001
 """After a tick (it may have been costly work), this long for the reader to take in frames."""
 
+Outcome = handshake.Paired | handshake.ReconnectPlain
 
-async def _run(link, machine, notify, decide, on_registered) -> handshake.Paired:
+
+async def _run(link, machine, pending, notify, decide, on_registered) -> Outcome:
     # A reader task keeps taking frames in while the machine works (or the user is asked),
     # so that frames are handled before expensive work that can wait.
     to_handler, inbox = trio.open_memory_channel[list[wire.Frame] | RelayError](64)
@@ -78,13 +96,13 @@ async def _run(link, machine, notify, decide, on_registered) -> handshake.Paired
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_read_frames, link, to_handler)
         try:
-            paired = await _handle(link, machine, inbox, notify, decide, on_registered)
+            outcome = await _handle(link, machine, pending, inbox, notify, decide, on_registered)
         except Exception as error:  # raised below, outside the nursery, as itself
             failure = error
         nursery.cancel_scope.cancel()
     if failure is not None:
         raise failure
-    return paired
+    return outcome
 
 
 async def _read_frames(link: RelayLink, to_handler: trio.MemorySendChannel) -> None:
@@ -98,14 +116,21 @@ async def _read_frames(link: RelayLink, to_handler: trio.MemorySendChannel) -> N
             await to_handler.send(frames)
 
 
-async def _handle(link, machine, inbox, notify, decide, on_registered) -> handshake.Paired:
-    pending: list[handshake.Event] = list(machine.start(trio.current_time()))
+async def _handle(link, machine, pending, inbox, notify, decide, on_registered) -> Outcome:
     while True:
         while pending:
             event = pending.pop(0)
             if isinstance(event, handshake.SendFrame):
-                await link.send([event.frame])
-            elif isinstance(event, handshake.Paired):
+                try:
+                    await link.send([event.frame])
+                except RelayError as error:
+                    # Only a scoped Hello's failure is worth a new connection; otherwise the
+                    # error stands as it is.
+                    lost = machine.connection_lost(str(error), trio.current_time())
+                    if not any(isinstance(e, handshake.ReconnectPlain) for e in lost):
+                        raise
+                    pending = lost
+            elif isinstance(event, (handshake.Paired, handshake.ReconnectPlain)):
                 return event
             elif isinstance(event, handshake.Failed):
                 raise HandshakeFailed(event.reason, event.kind)
@@ -131,7 +156,10 @@ async def _handle(link, machine, inbox, notify, decide, on_registered) -> handsh
             if batch is None:  # the deadline came: the next round ticks
                 continue
         if isinstance(batch, RelayError):
-            raise HandshakeFailed(str(batch), handshake.FailureKind.RELAY_CLOSED)
+            pending.extend(machine.connection_lost(str(batch), trio.current_time()))
+            if not pending:  # a machine that already finished: nothing more will come
+                raise HandshakeFailed(str(batch), handshake.FailureKind.RELAY_CLOSED)
+            continue
         now = trio.current_time()
         for frame in batch:
             pending.extend(machine.receive(frame, now))

@@ -29,9 +29,10 @@ class RelayLink:
         self.peer_host = peer_host
 
     @classmethod
-    async def open(cls, address: RelayAddress) -> RelayLink:
-        """Over whichever transport the address names (TCP, TLS, WebSocket)."""
-        connected = await open_relay(address)
+    async def open(cls, address: RelayAddress, *, nameplate: int | None = None) -> RelayLink:
+        """Over whichever transport the address names (TCP, TLS, WebSocket); ``nameplate``
+        goes into a WebSocket URL."""
+        connected = await open_relay(address, nameplate=nameplate)
         return cls(connected.stream, connected.peer_host)
 
     async def send(self, frames: list[wire.Frame]) -> None:
@@ -65,14 +66,15 @@ class RelayLink:
 
 
 async def open_room(
-    address: RelayAddress, host: str, partner_identity: bytes, *, timeout: float = 120.0
+    address: RelayAddress, host: str, partner_identity: bytes, *, timeout: float = 120.0,
+    nameplate: int | None = None,
 ) -> trio.abc.Stream:
     """Present the partner's identity to the secure room and wait for the relay's ``00``.
 
     ``host`` is the address the handshake reached. The ticket is the partner's identity,
     not ours: that is what bob's relay pairs on.
     """
-    stream = (await open_relay(address, room=True, peer_host=host)).stream
+    stream = (await open_relay(address, room=True, peer_host=host, nameplate=nameplate)).stream
     try:
         with trio.fail_after(timeout):
             await stream.send_all(partner_identity + b"\n")

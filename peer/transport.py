@@ -85,12 +85,14 @@ def client_tls_context(cacert: str | None = None) -> ssl.SSLContext:
 
 
 async def open_relay(
-    address: RelayAddress, *, room: bool = False, peer_host: str | None = None
+    address: RelayAddress, *, room: bool = False, peer_host: str | None = None,
+    nameplate: int | None = None,
 ) -> Connected:
     """Connect to the relay's handshake endpoint, or with ``room`` to its secure room.
 
     ``peer_host`` is where to connect (the address the handshake reached); the name in
-    ``address`` is still the one TLS verifies and the Host header carries.
+    ``address`` is still the one TLS verifies and the Host header carries. ``nameplate``
+    (the code's) goes into WebSocket URLs for balancers; TCP and TLS have nowhere to put it.
     """
     port = address.secure_port if room and not address.websocket else address.port
     what = "the relay" if not room else (
@@ -107,7 +109,8 @@ async def open_relay(
                                         https_compatible=True)
                 await stream.do_handshake()
             if address.websocket:
-                stream = await _upgrade(stream, address, room, f"{what} at {_shown(host, port)}")
+                stream = await _upgrade(stream, address, room, nameplate,
+                                        f"{what} at {_shown(host, port)}")
     except trio.TooSlowError:
         await trio.aclose_forcefully(stream)
         step = "the TLS handshake" if address.tls and stream is tcp else "the WebSocket upgrade"
@@ -119,11 +122,12 @@ async def open_relay(
     return Connected(stream, reached)
 
 
-async def _upgrade(stream: trio.abc.Stream, address: RelayAddress, room: bool, where: str) -> trio.abc.Stream:
+async def _upgrade(stream: trio.abc.Stream, address: RelayAddress, room: bool,
+                   nameplate: int | None, where: str) -> trio.abc.Stream:
     # Imported here: only WebSocket relays need wsproto, and every peer start pays for imports.
     from relay.websocket import WebSocketError, connect as websocket_connect
 
-    endpoint = address.endpoint_path("room" if room else "handshake")
+    endpoint = address.endpoint_path("room" if room else "handshake", nameplate)
     try:
         return await websocket_connect(stream, host=address.host_header(), path=endpoint)
     except WebSocketError as error:

@@ -23,6 +23,7 @@ from peer.handshake import (
     Paired,
     ProofFailed,
     ReceiverHandshake,
+    ReconnectPlain,
     Registered,
     SendFrame,
     SenderHandshake,
@@ -33,6 +34,7 @@ from peer.handshake import (
     nameplate_of,
     salt_for,
 )
+from peer.nameplates import Stage
 from relay import wire
 from relay.core import Close, Relay
 from relay.rooms import Paired as RoomJoined
@@ -61,6 +63,8 @@ class End:
     received: list = attrs.Factory(list)
     events: list = attrs.Factory(list)
     closed: bool = False
+    identity: bytes = b""
+    reconnects: list = attrs.Factory(list)
 
     def of(self, kind: type) -> list:
         return [event for event in self.events if isinstance(event, kind)]
@@ -82,16 +86,34 @@ class Net:
     def join(self, name: str, machine, *, decide: Decide | None = lambda _: True) -> End:
         end = End(name, machine, decide)
         self.ends.append(end)
-        self._deliver(self.relay.connect(end, b"127.0.0.1:%d" % self._next_port))
+        end.identity = b"127.0.0.1:%d" % self._next_port
+        self._deliver(self.relay.connect(end, end.identity))
         self._next_port += 1
         self.emit(end, machine.start(self.now))
         self.pump()
+        registration = getattr(machine, "registration", None)
+        if registration is not None and registration.stage is Stage.SCOPED:
+            # A relay core that does not answer 10 (yet): as if it had closed on it.
+            self.emit(end, machine.connection_lost("the relay closed the connection", self.now))
+            self.pump()
         return end
+
+    def reconnect(self, end: End) -> None:
+        """What the driver does on ReconnectPlain: a new connection (same address here)."""
+        self._deliver(self.relay.disconnect(end))
+        end.parser, end.closed = wire.Parser(), False
+        self._deliver(self.relay.connect(end, end.identity))
+        self.emit(end, end.machine.reconnected(self.now))
 
     def emit(self, end: End, events: list) -> None:
         for event in events:
             if isinstance(event, SendFrame):
                 self._queue.append((end, event.frame.encode()))
+                continue
+            if isinstance(event, ReconnectPlain):
+                # Kept apart: the other tests read the same with a relay core that takes 10.
+                end.reconnects.append(event)
+                self.reconnect(end)
                 continue
             end.events.append(event)
             if isinstance(event, Agreed) and end.decide is not None:
@@ -592,7 +614,7 @@ def test_a_receiver_with_no_senders_waits():
 
 def test_start_only_once():
     machine = ReceiverHandshake(CODE)
-    assert frames_of(machine.start(0)) == [wire.Frame(0, wire.HelloClient())]
+    assert frames_of(machine.start(0)) == [wire.Frame(0, wire.HelloScopedClient(417))]
     with pytest.raises(RuntimeError):
         machine.start(0)
 
@@ -1129,3 +1151,139 @@ def test_the_receivers_limits_leave_an_honest_retry_alone():
 def test_receiver_constructor_checks_max_attempts():
     with pytest.raises(ValueError):
         ReceiverHandshake(CODE, max_attempts=0)
+
+
+# --- scoped registration (packet 10) and its fallback to 01 ----------------------------------
+
+
+def _announce(uid: int, nameplate: int | None) -> wire.Frame:
+    public = spoke.Public(iterations=FAST, cipher0=0, cipher1=0, salt=salt_for(nameplate)).encode()
+    return wire.Frame(wire.RELAY_UID, wire.NewServer(uid, public, b"127.0.0.1:%d" % (40000 + uid)))
+
+
+IDENTITY_03 = wire.Frame(wire.RELAY_UID, wire.ClientIdentity(b"127.0.0.1:50000"))
+
+
+def test_a_receiver_with_a_nameplate_registers_scoped_and_one_without_plainly():
+    assert frames_of(ReceiverHandshake(CODE).start(0)) == [wire.Frame(0, wire.HelloScopedClient(417))]
+    assert frames_of(ReceiverHandshake(b"0-a-b").start(0)) == [wire.Frame(0, wire.HelloScopedClient(0))]
+    assert frames_of(ReceiverHandshake(b"65535-a-b").start(0)) == [
+        wire.Frame(0, wire.HelloScopedClient(65535))]
+    assert frames_of(ReceiverHandshake(b"revolucion-para-siempre").start(0)) == [
+        wire.Frame(0, wire.HelloClient())]
+    assert frames_of(ReceiverHandshake(CODE, scoped=False).start(0)) == [
+        wire.Frame(0, wire.HelloClient())]
+    plain = ReceiverHandshake(b"revolucion-para-siempre")
+    plain.start(0)
+    assert plain.next_deadline() is None  # no scoped wait, nothing to fall back from
+
+
+def test_a_03_within_3_s_makes_the_registration_scoped():
+    machine = ReceiverHandshake(CODE)
+    machine.start(100.0)
+    assert machine.next_deadline() == 103.0
+    assert machine.tick(102.9) == []
+    assert machine.receive(IDENTITY_03, 102.9) == [Registered(b"127.0.0.1:50000")]
+    assert machine.registration.scoped and not machine.registration.fell_back
+    assert machine.next_deadline() is None
+    assert machine.tick(200.0) == []
+    # A relay that announces more than it should is still filtered by salt.
+    assert written(machine, 0, _announce(5, 418).packet, 200.0) == []
+    [x] = written(machine, 0, _announce(6, 417).packet, 200.0)
+    assert x.uid == 6 and isinstance(x.packet, wire.XAndClientIdentity)
+
+
+def test_no_03_by_3_s_falls_back_to_a_plain_hello_that_still_filters_by_salt():
+    machine = ReceiverHandshake(CODE)
+    machine.start(0.0)
+    assert machine.tick(2.999) == []
+    [reconnect] = machine.tick(3.0)
+    assert reconnect == ReconnectPlain("no answer to the scoped Hello in 3 s")
+    assert machine.tick(3.0) == [] and machine.next_deadline() is None  # told once
+    # Late frames of the old connection are dropped, a late 03 included.
+    assert machine.receive(IDENTITY_03, 3.5) == [] and machine.identity is None
+    assert frames_of(machine.reconnected(4.0)) == [wire.Frame(0, wire.HelloClient())]
+    assert machine.next_deadline() is None  # a plain Hello has no deadline of ours
+    assert machine.receive(IDENTITY_03, 4.1) == [Registered(b"127.0.0.1:50000")]
+    assert machine.registration.fell_back and not machine.registration.scoped
+    assert written(machine, 0, _announce(7, 9), 4.2) == []
+    assert written(machine, 0, _announce(7, None).packet, 4.2) == []
+    [x] = written(machine, 0, _announce(8, 417).packet, 4.2)
+    assert x.uid == 8
+    assert not machine.finished
+
+
+def test_the_relay_closing_before_03_asks_for_a_plain_reconnection():
+    machine = ReceiverHandshake(CODE)
+    machine.start(0.0)
+    [reconnect] = machine.connection_lost("the relay closed the connection", 0.5)
+    assert isinstance(reconnect, ReconnectPlain)
+    assert "the relay closed the connection" in reconnect.reason
+    assert machine.next_deadline() is None and not machine.finished
+    assert frames_of(machine.reconnected(0.6)) == [wire.Frame(0, wire.HelloClient())]
+    # The plain connection failing too is the end, as it always was.
+    [failed] = machine.connection_lost("the relay closed the connection", 0.7)
+    assert failed == Failed("the relay closed the connection", FailureKind.RELAY_CLOSED)
+    assert machine.finished
+
+
+def test_a_lost_connection_after_03_or_without_a_nameplate_fails_as_before():
+    scoped = ReceiverHandshake(CODE)
+    scoped.start(0.0)
+    scoped.receive(IDENTITY_03, 0.1)
+    assert scoped.connection_lost("lost the connection to the relay", 1.0) == [
+        Failed("lost the connection to the relay", FailureKind.RELAY_CLOSED)]
+    plain = ReceiverHandshake(b"revolucion-para-siempre")
+    plain.start(0.0)
+    assert plain.connection_lost("x", 0.1) == [Failed("x", FailureKind.RELAY_CLOSED)]
+    assert plain.connection_lost("x", 0.2) == []  # finished: nothing more
+    s = sender()
+    s.start(0.0)
+    assert s.connection_lost("x", 0.1) == [Failed("x", FailureKind.RELAY_CLOSED)]
+
+
+def test_unexpected_answers_to_a_scoped_hello_do_not_register_it():
+    machine = ReceiverHandshake(CODE)
+    machine.start(0.0)
+    # Announcements, a sender's identity, peer packets: none is our 03; the wait goes on.
+    assert written(machine, 0, _announce(3, 417).packet, 0.1) == []
+    assert machine.receive(wire.Frame(0, wire.ServerIdentity(b"127.0.0.1:1234")), 0.2) == []
+    assert machine.receive(wire.Frame(0, wire.Closed(3)), 0.3) == []
+    assert machine.receive(wire.Frame(0, wire.RelayFailure(b"H", 3)), 0.3) == []
+    assert machine.identity is None and machine.next_deadline() == 3.0
+    [reconnect] = machine.tick(3.0)
+    assert isinstance(reconnect, ReconnectPlain)
+    with pytest.raises(RuntimeError):
+        ReceiverHandshake(CODE).reconnected(0.0)  # nothing to answer
+
+
+def test_a_relay_refusing_the_scoped_hello_outright_ends_it_like_any_refusal():
+    # 0f is an answer (a Hello rate limit, a full relay): a relay that understood us.
+    machine = ReceiverHandshake(CODE)
+    machine.start(0.0)
+    [failed] = machine.receive(wire.Frame(0, wire.Timeout()), 0.1)
+    assert failed.kind == FailureKind.RELAY_CLOSED and machine.finished
+
+
+def test_a_garbled_answer_is_a_lost_connection_to_the_driver():
+    # The driver's parser fails (types above 10 are malformed) and reports a lost connection.
+    parser = wire.Parser()
+    parser.feed(b"000011")
+    with pytest.raises(wire.WireError):
+        list(parser.frames())
+    machine = ReceiverHandshake(CODE)
+    machine.start(0.0)
+    [reconnect] = machine.connection_lost("the relay sent something invalid", 0.1)
+    assert isinstance(reconnect, ReconnectPlain)
+
+
+def test_scoped_and_fallen_back_receivers_pair_through_the_relay_core():
+    net = Net()
+    s = net.join("sender", sender())
+    net.join("stranger", sender(b"418-other-words-here"))
+    r = net.join("receiver", ReceiverHandshake(CODE))
+    [done] = r.of(Paired)
+    assert done.partner_identity == s.machine.identity
+    assert r.machine.senders_answered == 1  # never the stranger, scoped or not
+    # Either the core answered 10, or it did not and the receiver registered plainly.
+    assert r.machine.registration.scoped != bool(r.reconnects)
