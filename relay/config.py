@@ -227,6 +227,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("failed-handshake-window", seconds, _LIMITS.failed_handshake_window, "how long a "
            "failed handshake counts against its address and its sender "
            "(default: %(default)s)", True, "SECONDS"),
+    Option("max-senders-per-nameplate", count, _LIMITS.max_senders_per_nameplate, "senders "
+           "that may wait with one nameplate; one more is refused; 0: no limit "
+           "(default: %(default)s)", True, "N"),
     Option("limit-exempt", network, tuple(str(n) for n in _LIMITS.exempt), "addresses or "
            "networks not counted per address (default: 127.0.0.0/8 and ::1); repeat for "
            "several", True, "ADDR", repeat=True),
@@ -402,6 +405,7 @@ def build(values: dict[str, Any], *, path: str | os.PathLike | None = None,
             max_failed_handshakes_per_address=values["max-failed-handshakes-per-address"],
             max_failed_handshakes_per_sender=values["max-failed-handshakes-per-sender"],
             failed_handshake_window=values["failed-handshake-window"],
+            max_senders_per_nameplate=values["max-senders-per-nameplate"],
         )
         relay = RelayConfig(
             hosts=values["host"],

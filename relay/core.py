@@ -6,11 +6,22 @@ gets back, in order: ``Send`` writes bytes, ``Close`` closes a connection once e
 to it before is written. Connections are named by whatever hashable ``conn`` the driver likes.
 Keeping I/O out makes every rule testable byte for byte without a network.
 
-Every registered client is a candidate of every registered server: bob announces each server
-to each client. So instead of storing that full relation (clients × servers entries), each peer
-keeps only its *links*: pairs whose handshake ended (Refused, Spoke_failure: no longer
-candidates) or reached Agreement (the only pairs that may be Accepted). Memory stays linear
-in peers plus packets actually exchanged.
+A plain client (01) is a candidate of every registered server, as bob announces each server
+to each client; a scoped client (10, ../shared/PROTOCOL.md §8.1) only of the servers whose
+salt starts with its nameplate. Instead of storing that relation (clients × servers
+entries), each peer keeps only its *links*: pairs whose handshake ended (Refused,
+Spoke_failure: no longer candidates) or reached Agreement (the only pairs that may be
+Accepted). Memory stays linear in peers plus packets actually exchanged.
+
+Rendezvous cost: servers are indexed by nameplate
+and scoped clients by theirs, so a scoped arrival costs the servers of its nameplate and a
+new server the scoped clients of its nameplate plus the plain clients. A plain client is
+announced the servers by a cursor over the insertion-ordered servers, a batch of at most
+``announce_budget`` bytes at a time: the next batch comes when the driver says the client
+read the last one (``drained``), so the relay's own announcements can never overflow a
+reading client's outbox, and no client holds a copy of the server list. A client has been
+*told* of a server when the server is of its nameplate (scoped) or its cursor has passed
+the server's place (plain): only then does it hear Closed for it.
 
 Stricter than bob, with identical bytes on the wire for honest peers:
 - a peer-to-peer packet goes only to a live peer of the other role that is its candidate;
@@ -20,7 +31,13 @@ Stricter than bob, with identical bytes on the wire for honest peers:
 - UIDs are never shared by two live peers (see ``relay.uids``);
 - a client's repeated Hello announces the senders again but does not revive a pair that
   ended: otherwise one connection could run handshake after handshake with every sender,
-  each one an offline guess of its code and one of its few attempts;
+  each one an offline guess of its code and one of its few attempts. A client's scope is
+  fixed by its first Hello: a later 01 or 10, whatever nameplate it names, repeats that
+  first one (a receiver falling back to 01 after a late 03 keeps working; one that wants
+  another nameplate reconnects);
+- at most ``max_senders_per_nameplate`` servers wait with one nameplate: one more is
+  refused like an over-limit Hello (Timeout, close), so a flood cannot bury a nameplate's
+  receivers;
 - each handshake (a client's 07 forwarded) is counted by the guard (``relay.limits``) until
   it ends; one that ends without an agreement by the client's doing counts as failed against
   the client's address and the sender, and past their limits the relay answers a new 07 with
@@ -29,8 +46,10 @@ Stricter than bob, with identical bytes on the wire for honest peers:
 
 from __future__ import annotations
 
+import bisect
 import enum
 import logging
+from operator import itemgetter
 from typing import Callable, Hashable, Union
 
 import attrs
@@ -47,6 +66,18 @@ MIN_IDENTITY = 5
 
 MAX_REANNOUNCEMENTS = 4
 """A sender may make the relay announce it to receivers again this often (see _hello_again)."""
+
+ANNOUNCE_BUDGET = 16 * 1024
+"""Bytes of announcements a plain client is given at a time (the driver's default is a
+quarter of its outbox limit): the next batch waits until it read these."""
+
+_SEQ = itemgetter(0)
+
+
+def nameplate_of(public: bytes) -> int:
+    """A server's nameplate: the first two salt bytes, bytes 18–19 of its public (§8.1).
+    bob's senders have random salts, so they land on random nameplates."""
+    return int.from_bytes(public[18:20], "big")
 
 
 @attrs.frozen
@@ -97,6 +128,10 @@ class HandshakeCounts:
     its 06, which gave the client nothing), or the client leaving: what the limits count."""
     handshakes_refused: int = 0
     """07s not forwarded because the client's address or the sender was over its limit."""
+    announcements: int = 0
+    """New_server packets (04) sent to clients."""
+    senders_refused: int = 0
+    """Senders refused because their nameplate had ``max_senders_per_nameplate`` waiting."""
 
 
 class Role(enum.StrEnum):
@@ -155,6 +190,17 @@ class _Peer:
     """Peer UID → the handshake under way with it (kept on both peers, like ``links``)."""
     failures: Failures = attrs.Factory(Failures)
     """A server's failed handshakes (from every client): its count for the guard."""
+    nameplate: int | None = None
+    """A server's nameplate (from its salt); a scoped client's; None for a plain client."""
+    seq: int = 0
+    """A server's place in the relay's order of servers; 0 once it left."""
+    cursor: int = 0
+    """A plain client: the place of the last server its announcement considered."""
+    high: int = 0
+    """A plain client: the furthest place any of its announcements reached (it was told of
+    every live server up to there, its repeated Hellos restart ``cursor`` only)."""
+    credit: int = 0
+    """A plain client: bytes of announcements it may be sent before it reads them."""
 
     def describe(self) -> str:
         who = self.identity.decode("ascii", "replace")
@@ -168,7 +214,8 @@ class Relay:
 
     def __init__(self, rooms: RoomBook | None = None, uids: UidPool | None = None,
                  hello_gate: HelloGate | None = None, guard: Guard | None = None,
-                 clock: Clock | None = None, refusal_log: RefusalLog | None = None) -> None:
+                 clock: Clock | None = None, refusal_log: RefusalLog | None = None,
+                 announce_budget: int = ANNOUNCE_BUDGET) -> None:
         """Without a ``guard`` handshakes are counted but never refused; with one, the
         driver's ``clock`` is needed for its window. ``refusal_log`` says what the guard
         refused (the driver's, so that one line a second per limit holds for the relay)."""
@@ -184,6 +231,19 @@ class Relay:
         self.counts = HandshakeCounts()
         self._conns: dict[Hashable, _Peer] = {}
         self._registered: dict[Role, dict[int, _Peer]] = {Role.CLIENT: {}, Role.SERVER: {}}
+        self.announce_budget = announce_budget
+        """Bytes of announcements a plain client gets per batch; at least one 04 fits."""
+        self._senders: dict[int, dict[int, _Peer]] = {}
+        """Nameplate → its waiting servers, by UID."""
+        self._scoped: dict[int, dict[int, _Peer]] = {}
+        """Nameplate → its waiting scoped clients, by UID."""
+        self._plain: dict[int, _Peer] = {}
+        """Waiting plain clients, by UID."""
+        self._order: list[tuple[int, _Peer]] = []
+        """(place, server) in registration order; entries whose server left (its ``seq`` no
+        longer matches) are skipped by cursors and swept out when they are the majority."""
+        self._gone = 0
+        self._next_seq = 1
 
     # -- introspection --------------------------------------------------------------------
 
@@ -191,6 +251,18 @@ class Relay:
     def peers(self) -> dict[Role, int]:
         """Registered peers by role."""
         return {role: len(table) for role, table in self._registered.items()}
+
+    @property
+    def waiting(self) -> dict[str, int]:
+        """Registered peers by kind: senders, scoped and plain receivers (for the metrics)."""
+        return {"sender": len(self._registered[Role.SERVER]),
+                "scoped": len(self._registered[Role.CLIENT]) - len(self._plain),
+                "plain": len(self._plain)}
+
+    def scope_of(self, conn: Hashable) -> int | None:
+        """A registered client's nameplate, None if it is plain (or not a client)."""
+        peer = self._conns.get(conn)
+        return peer.nameplate if peer is not None and peer.role is Role.CLIENT else None
 
     @property
     def connections(self) -> int:
@@ -219,7 +291,13 @@ class Relay:
         peer = self._conns.get(conn)
         if peer is None or peer.role is None:
             return frozenset()
-        return frozenset(other.uid for other in self._candidates(peer))
+        if peer.role is Role.SERVER:
+            return frozenset(other.uid for other in self._registered[Role.CLIENT].values()
+                             if self._may_pair(other, peer)
+                             and peer.links.get(other.uid) is not _Link.ENDED)
+        return frozenset(other.uid for other in self._registered[Role.SERVER].values()
+                         if self._may_pair(peer, other)
+                         and peer.links.get(other.uid) is not _Link.ENDED)
 
     # -- events from the driver -----------------------------------------------------------
 
@@ -260,6 +338,16 @@ class Relay:
             self._depart(out, peer, "disconnected")
         return out
 
+    def drained(self, conn: Hashable) -> list[Output]:
+        """Everything sent to ``conn`` so far was written to its socket: a plain client gets
+        its next batch of announcements (if any is due)."""
+        out: list[Output] = []
+        peer = self._conns.get(conn)
+        if peer is not None and peer.role is Role.CLIENT and peer.nameplate is None:
+            peer.credit = self.announce_budget
+            self._pump(out, peer)
+        return out
+
     def expire(self, conn: Hashable) -> list[Output]:
         """The driver's deadline for ``conn`` passed (Hello deadline or handshake timeout)."""
         out: list[Output] = []
@@ -286,6 +374,10 @@ class Relay:
             self._close(out, peer, "relay shutting down")
         for table in self._registered.values():
             table.clear()
+        self._senders.clear()
+        self._scoped.clear()
+        self._plain.clear()
+        self._order.clear()
         return out
 
     # -- packet handling ------------------------------------------------------------------
@@ -295,6 +387,8 @@ class Relay:
         match packet:
             case wire.HelloClient():
                 self._hello(out, peer, frame.uid, Role.CLIENT)
+            case wire.HelloScopedClient(nameplate=nameplate):
+                self._hello(out, peer, frame.uid, Role.CLIENT, scope=nameplate)
             case wire.HelloServer(public=public):
                 self._hello(out, peer, frame.uid, Role.SERVER, public)
             case wire.RelayFailure(letter=letter, peer_uid=about):
@@ -306,7 +400,7 @@ class Relay:
                 log.debug("%s sent relay-only packet %02x: ignored", peer.describe(), packet.TYPE)
 
     def _hello(self, out: list[Output], peer: _Peer, uid: int, role: Role,
-               public: bytes | None = None) -> None:
+               public: bytes | None = None, scope: int | None = None) -> None:
         if uid != wire.RELAY_UID:
             log.debug("%s sent a Hello to UID %04x: ignored", peer.describe(), uid)
             return
@@ -314,6 +408,9 @@ class Relay:
             log.debug("%s sent a Hello as a %s: ignored", peer.describe(), role)
             return
         refusal = self.hello_gate(peer.conn) if self.hello_gate is not None else None
+        if refusal is None and role is Role.SERVER:
+            assert public is not None
+            refusal = self._over_nameplate_cap(peer, nameplate_of(public))
         if refusal is not None:
             self.counts.hellos_refused += 1
             if peer.role is None:
@@ -321,6 +418,9 @@ class Relay:
                 self._close(out, peer, refusal)
             else:
                 self._depart(out, peer, refusal, timed_out=True)
+            return
+        if peer.role is Role.SERVER:
+            self._hello_again(out, peer, public)
             return
         if peer.role is None:
             new_uid = self._uids.allocate()
@@ -330,28 +430,107 @@ class Relay:
                 return
             peer.role, peer.uid = role, new_uid
             self._registered[role][new_uid] = peer
-            log.info("%s registered", peer.describe())
-        elif role is Role.CLIENT:
+            if role is Role.SERVER:
+                assert public is not None
+                self._index_server(peer, public)
+            elif scope is None:
+                self._plain[new_uid] = peer
+                peer.credit = self.announce_budget
+            else:
+                peer.nameplate = scope
+                self._scoped.setdefault(scope, {})[new_uid] = peer
+            log.info("%s registered%s", peer.describe(),
+                     "" if scope is None else f" for nameplate {scope}")
+        else:
             # A client asking again gets its candidates again, but the pairs that ended stay
             # ended: each new handshake with a sender would be one more guess of its code.
             # The packets go to it alone, so a client that repeats without reading only fills
-            # its own outbox.
+            # its own outbox. Its scope stays that of its first Hello.
             log.debug("%s repeated its Hello", peer.describe())
-        else:
-            self._hello_again(out, peer, public)
-            return
+            peer.cursor = 0
         if role is Role.CLIENT:
             self._send(out, peer, wire.RELAY_UID, wire.ClientIdentity(peer.identity))
-            for server in self._registered[Role.SERVER].values():
-                if peer.links.get(server.uid) is not _Link.ENDED:
-                    self._write(out, peer, server.announcement)
+            if peer.nameplate is None:
+                self._pump(out, peer)
+            else:
+                for server in self._senders.get(peer.nameplate, {}).values():
+                    if peer.links.get(server.uid) is not _Link.ENDED:
+                        self._announce(out, peer, server)
         else:
-            assert public is not None
-            peer.announcement = wire.encode(
-                wire.RELAY_UID, wire.NewServer(peer.uid, public, peer.identity))
             self._send(out, peer, wire.RELAY_UID, wire.ServerIdentity(peer.identity))
-            for client in self._registered[Role.CLIENT].values():
-                self._write(out, client, peer.announcement)
+            self._announce_new(out, peer, list(self._scoped.get(peer.nameplate, {}).values()))
+
+    def _over_nameplate_cap(self, peer: _Peer, nameplate: int) -> str | None:
+        """A refusal if one more server with ``nameplate`` would exceed the cap."""
+        if peer.role is Role.SERVER and peer.nameplate == nameplate:
+            return None  # already counted there
+        refusal = self.guard.senders_waiting(len(self._senders.get(nameplate, ())))
+        if refusal is None:
+            return None
+        self.counts.senders_refused += 1
+        self._refusal_log.refused(refusal, f"{peer.describe()} for nameplate {nameplate}",
+                                  self._clock())
+        return refusal.describe()
+
+    def _index_server(self, server: _Peer, public: bytes) -> None:
+        server.nameplate = nameplate_of(public)
+        server.announcement = wire.encode(
+            wire.RELAY_UID, wire.NewServer(server.uid, public, server.identity))
+        server.seq = self._next_seq
+        self._next_seq += 1
+        self._order.append((server.seq, server))
+        self._senders.setdefault(server.nameplate, {})[server.uid] = server
+
+    def _unindex(self, peer: _Peer) -> None:
+        """Take a registered peer out of the rendezvous indexes."""
+        if peer.role is Role.SERVER:
+            _remove(self._senders, peer.nameplate, peer.uid)
+            peer.seq = 0
+            self._gone += 1
+            if self._gone > 64 and 2 * self._gone > len(self._order):
+                self._order = [entry for entry in self._order if entry[1].seq == entry[0]]
+                self._gone = 0
+        elif peer.nameplate is None:
+            del self._plain[peer.uid]
+        else:
+            _remove(self._scoped, peer.nameplate, peer.uid)
+
+    def _announce_new(self, out: list[Output], server: _Peer, scoped: list[_Peer]) -> None:
+        """A server (or its new public) is announced: directly to the ``scoped`` clients,
+        and to each plain client by its cursor, now if it is caught up and has credit."""
+        for client in scoped:
+            self._announce(out, client, server)
+        for client in self._plain.values():
+            self._pump(out, client)
+
+    def _pump(self, out: list[Output], client: _Peer) -> None:
+        """Announce to a plain client the servers after its cursor, as its credit allows."""
+        order = self._order
+        i = bisect.bisect_right(order, client.cursor, key=_SEQ)
+        while i < len(order):
+            seq, server = order[i]
+            if server.seq == seq and client.links.get(server.uid) is not _Link.ENDED:
+                if len(server.announcement) > client.credit:
+                    break
+                client.credit -= len(server.announcement)
+                self._announce(out, client, server)
+            client.cursor = seq
+            i += 1
+        if client.cursor > client.high:
+            client.high = client.cursor
+
+    def _announce(self, out: list[Output], client: _Peer, server: _Peer) -> None:
+        self.counts.announcements += 1
+        self._write(out, client, server.announcement)
+
+    def _told(self, client: _Peer, server: _Peer) -> bool:
+        """Whether ``client`` was announced ``server`` (so may hear Closed for it)."""
+        if client.nameplate is None:
+            return server.seq <= client.high
+        return client.nameplate == server.nameplate
+
+    def _may_pair(self, client: _Peer, server: _Peer) -> bool:
+        return client.nameplate is None or client.nameplate == server.nameplate
 
     def _hello_again(self, out: list[Output], peer: _Peer, public: bytes | None) -> None:
         """A registered sender repeats its Hello: re-announce it only where that changes
@@ -362,35 +541,54 @@ class Relay:
         receivers' outboxes until they are cut off. bob's own peers never repeat a Hello.
         With the same public, only receivers whose pair with it had ended learn it again (it
         becomes their candidate again); a new public is a new spoke session, announced to
-        all. A sender that re-announces itself more than MAX_REANNOUNCEMENTS times is
-        closed.
+        all that may pair with it (keeping its place, so a cursor still to reach it
+        announces the new one; receivers of a nameplate it left hear Closed). A sender that
+        re-announces itself more than MAX_REANNOUNCEMENTS times is closed.
         """
         assert public is not None
         announcement = wire.encode(wire.RELAY_UID, wire.NewServer(peer.uid, public, peer.identity))
         clients = self._registered[Role.CLIENT]
+        left: list[_Peer] = []
+        told: list[_Peer] | None = None
         if announcement == peer.announcement:
-            targets = [clients[uid] for uid, link in peer.links.items()
-                       if link is _Link.ENDED and uid in clients]
-            for client in targets:
+            ended = [clients[uid] for uid, link in peer.links.items()
+                     if link is _Link.ENDED and uid in clients]
+            for client in ended:
                 del peer.links[client.uid]
                 client.links.pop(peer.uid, None)
+            # One whose cursor did not reach it yet will be told by the cursor.
+            targets = [client for client in ended if self._told(client, peer)]
         else:
+            told = [client for client in self._scoped.get(peer.nameplate, {}).values()]
+            told += [client for client in self._plain.values() if self._told(client, peer)]
             self._end_handshakes(peer, failed=False)
             self._unlink_all(peer)
+            nameplate = nameplate_of(public)
+            if nameplate != peer.nameplate:
+                left = list(self._scoped.get(peer.nameplate, {}).values())
+                _remove(self._senders, peer.nameplate, peer.uid)
+                peer.nameplate = nameplate
+                self._senders.setdefault(nameplate, {})[peer.uid] = peer
             peer.announcement = announcement
-            targets = list(clients.values())
+            targets = list(self._scoped.get(nameplate, {}).values())
+            targets += [client for client in self._plain.values() if self._told(client, peer)]
         self._send(out, peer, wire.RELAY_UID, wire.ServerIdentity(peer.identity))
-        if not targets:
+        if not targets and not left:
             log.debug("%s repeated its Hello", peer.describe())
             return
         peer.reannouncements += 1
         if peer.reannouncements > MAX_REANNOUNCEMENTS:
-            self._depart(out, peer, "keeps repeating its Hello", timed_out=True)
+            # Closed to those told of its last session, not to those it was to be told to.
+            self._depart(out, peer, "keeps repeating its Hello", timed_out=True, told=told)
             return
         log.debug("%s repeated its Hello: announced again to %d receivers",
                   peer.describe(), len(targets))
+        for client in left:
+            self._send(out, client, wire.RELAY_UID, wire.Closed(peer.uid))
         for client in targets:
-            self._write(out, client, peer.announcement)
+            if client.nameplate is None:  # holds its cursor back until it read this too
+                client.credit -= len(peer.announcement)
+            self._announce(out, client, peer)
 
     def _forward(self, out: list[Output], sender: _Peer, to_uid: int,
                  packet: wire.Packet) -> None:
@@ -402,7 +600,9 @@ class Relay:
             return
         target = self._registered[_OTHER[sender.role]].get(to_uid)
         link = sender.links.get(to_uid)
-        if target is None or link is _Link.ENDED:
+        if target is None or link is _Link.ENDED or not (
+                self._may_pair(sender, target) if sender.role is Role.CLIENT
+                else self._may_pair(target, sender)):
             log.debug("%s sent packet %02x to UID %04x, not its candidate: dropped",
                       sender.describe(), packet.TYPE, to_uid)
             return
@@ -508,10 +708,13 @@ class Relay:
             self._send(out, other, wire.RELAY_UID, wire.Closed(server_uid))
 
     def _depart(self, out: list[Output], peer: _Peer, reason: str,
-                timed_out: bool = False) -> None:
-        """The peer is gone: its candidates learn it with Closed, nothing of it remains."""
+                timed_out: bool = False, told: list[_Peer] | None = None) -> None:
+        """The peer is gone: its candidates learn it with Closed, nothing of it remains.
+        ``told``, if given, are the peers to tell instead (its candidates changed just now)."""
         uid = peer.uid
-        told = self._unregister(peer) if peer.role is not None else []
+        candidates = self._unregister(peer) if peer.role is not None else []
+        if told is None:
+            told = candidates
         if timed_out:
             self._send(out, peer, wire.RELAY_UID, wire.Timeout())
         self._close(out, peer, reason)
@@ -521,11 +724,20 @@ class Relay:
     # -- state helpers --------------------------------------------------------------------
 
     def _candidates(self, peer: _Peer) -> list[_Peer]:
+        """The peer's candidates that know of the pair: a client's servers it was told of, a
+        server's clients told of it. Cost: a scoped client, the servers of its nameplate; a
+        plain one, all servers; a server, the scoped clients of its nameplate and the plain."""
         assert peer.role is not None
-        return [
-            other for other in self._registered[_OTHER[peer.role]].values()
-            if peer.links.get(other.uid) is not _Link.ENDED
-        ]
+        if peer.role is Role.CLIENT:
+            if peer.nameplate is None:
+                others = [server for server in self._registered[Role.SERVER].values()
+                          if server.seq <= peer.high]
+            else:
+                others = list(self._senders.get(peer.nameplate, {}).values())
+        else:
+            others = list(self._scoped.get(peer.nameplate, {}).values())
+            others += [client for client in self._plain.values() if peer.seq <= client.high]
+        return [other for other in others if peer.links.get(other.uid) is not _Link.ENDED]
 
     def _unregister(self, peer: _Peer) -> list[_Peer]:
         """Remove a registered peer from every table, free its UID; return its candidates.
@@ -538,6 +750,7 @@ class Relay:
         # counts that as an attempt, so the relay does too.
         self._end_handshakes(peer, failed=True)
         self._unlink_all(peer)
+        self._unindex(peer)
         del self._registered[peer.role][peer.uid]
         self._uids.release(peer.uid)
         return candidates
@@ -568,3 +781,12 @@ class Relay:
         log.info("closing %s: %s", peer.describe(), reason)
         del self._conns[peer.conn]
         out.append(Close(peer.conn, reason))
+
+
+def _remove(index: dict[int, dict[int, _Peer]], nameplate: int | None, uid: int) -> None:
+    """Drop ``uid`` from ``index[nameplate]``, and the nameplate once it has nobody left."""
+    assert nameplate is not None
+    table = index[nameplate]
+    del table[uid]
+    if not table:
+        del index[nameplate]

@@ -47,6 +47,7 @@ class Refusal(enum.StrEnum):
     ROOMS = "rooms"
     FAILED_HANDSHAKES_PER_ADDRESS = "failed_handshakes_per_address"
     FAILED_HANDSHAKES_PER_SENDER = "failed_handshakes_per_sender"
+    SENDERS_PER_NAMEPLATE = "senders_per_nameplate"
 
     def describe(self) -> str:
         return _DESCRIPTIONS[self]
@@ -59,6 +60,7 @@ _DESCRIPTIONS = {
     Refusal.ROOMS: "too many open rooms",
     Refusal.FAILED_HANDSHAKES_PER_ADDRESS: "too many failed handshakes from this address",
     Refusal.FAILED_HANDSHAKES_PER_SENDER: "too many failed handshakes with this sender",
+    Refusal.SENDERS_PER_NAMEPLATE: "too many senders waiting with this nameplate",
 }
 
 
@@ -127,6 +129,10 @@ class Limits:
     high because strangers who reach it block the sender's own receiver for a window."""
     failed_handshake_window: float = attrs.field(default=600.0, validator=_positive)
     """Seconds a failed handshake counts against its source and its sender."""
+    max_senders_per_nameplate: int = attrs.field(default=64, validator=_at_least_zero)
+    """Senders that may wait with one nameplate (the first two bytes of their salt), so
+    that flooding a nameplate cannot slow its receivers; bob's random salts spread over
+    65,536 nameplates, so honest senders never meet it."""
 
 
 def source_of(host: str, exempt: Iterable[Network] = ()) -> str | None:
@@ -422,6 +428,13 @@ class Guard:
             counted.times.append(now)
         if not counted.open and not counted.recent(now, limits.failed_handshake_window):
             del self._guessing[attempt.source]
+
+    def senders_waiting(self, waiting: int) -> Refusal | None:
+        """One more sender for a nameplate that has ``waiting``: None if it may wait."""
+        cap = self.limits.max_senders_per_nameplate
+        if cap and waiting >= cap:
+            return self._refuse(Refusal.SENDERS_PER_NAMEPLATE)
+        return None
 
     def forget_failures(self, now: float) -> None:
         """Forget sources with nothing open and no failure in the window: memory follows

@@ -63,6 +63,15 @@ class RelayCollector:
         for role, number in core.peers.items():
             peers.add_metric([ROLE_NAMES[role]], number)
         yield peers
+        waiting = GaugeMetricFamily(
+            f"{PREFIX}_waiting", "Peers waiting on the handshake port by kind: senders, "
+            "receivers scoped to a nameplate (10) and plain receivers (01).", labels=["kind"])
+        for kind, number in core.waiting.items():
+            waiting.add_metric([kind], number)
+        yield waiting
+        yield CounterMetricFamily(
+            f"{PREFIX}_announcements", "Senders announced to receivers (New_server, 04, sent).",
+            value=core.counts.announcements)
         yield GaugeMetricFamily(f"{PREFIX}_uids_in_use", "Handshake UIDs held by live peers "
                                 "(at most 65535).", value=core.uids_in_use)
         counts = core.counts

@@ -44,7 +44,7 @@ import attrs
 import trio
 
 from relay import wire
-from relay.core import Close, Output, Relay, Send
+from relay.core import ANNOUNCE_BUDGET, Close, Output, Relay, Send
 from relay.limits import Admission, Guard, Limits, Refusal, RefusalLog, RoomMeter, host_of
 from relay.pipe import blind_pipe
 from relay.rooms import Invalid, Paired, RoomBook, Waiting
@@ -299,6 +299,12 @@ def _bound(listeners: list[trio.SocketListener]) -> tuple[tuple[str, int], ...]:
     return tuple(listener.socket.getsockname()[:2] for listener in listeners)
 
 
+def _announce_budget(config: RelayConfig) -> int:
+    """A plain receiver's batch of announcements: well below the outbox limit, so the
+    relay's own announcements never cut off a receiver that reads."""
+    return max(256, min(ANNOUNCE_BUDGET, config.max_outbox // 4))
+
+
 def _text(identity: bytes) -> str:
     return identity.decode("ascii", "replace")
 
@@ -390,7 +396,8 @@ class RelayServer:
         self._refusal_log = RefusalLog(log, REFUSAL_LOG_EVERY)
         self.rooms = RoomBook(ttl=config.room_timeout)
         self.relay = Relay(self.rooms, hello_gate=self._hello_gate, guard=self.guard,
-                           clock=trio.current_time, refusal_log=self._refusal_log)
+                           clock=trio.current_time, refusal_log=self._refusal_log,
+                           announce_budget=_announce_budget(config))
         self.connections: collections.Counter[tuple[str, str]] = collections.Counter()
         """Connections being served, by (port, transport): ``("handshake", "tcp")``..."""
         self.open_rooms: set[_Room] = set()
@@ -563,6 +570,7 @@ class RelayServer:
         self.config = attrs.evolve(config, **kept)
         self.tls = tls
         self.guard.limits = self.config.limits
+        self.relay.announce_budget = _announce_budget(self.config)
         self.rooms.ttl = self.config.room_timeout
         self._rooms_changed()
         return restart
@@ -744,7 +752,10 @@ class RelayServer:
             self._deliver(self.relay.expire(conn))
 
     async def _write(self, conn: _HandshakeConnection) -> None:
-        """Empty the outbox into the socket, then end (a new burst starts a new writer)."""
+        """Empty the outbox into the socket, then end (a new burst starts a new writer).
+
+        Each time it is empty the core may give more (a plain receiver's next batch of
+        announcements): so they go out as fast as the peer reads, never faster."""
         try:
             while conn.outbox:
                 data = bytes(conn.outbox)
@@ -761,6 +772,8 @@ class RelayServer:
                     return
                 finally:
                     conn.in_flight = 0
+                if not conn.outbox and conn.closing is None:
+                    self._deliver(self.relay.drained(conn))  # lands in this outbox
         finally:
             conn.writing = False
 

@@ -48,6 +48,7 @@ NON_DEFAULT = {
     "max-failed-handshakes-per-address": (2, ["--max-failed-handshakes-per-address", "2"]),
     "max-failed-handshakes-per-sender": (9, ["--max-failed-handshakes-per-sender", "9"]),
     "failed-handshake-window": (90, ["--failed-handshake-window", "90"]),
+    "max-senders-per-nameplate": (7, ["--max-senders-per-nameplate", "7"]),
     "metrics": ("127.0.0.1:9100", ["--metrics", "127.0.0.1:9100"]),
     "log-level": ("debug", ["--log-level", "debug"]),
     "log-format": ("json", ["--log-format", "json"]),
@@ -74,7 +75,8 @@ def expected_settings() -> tuple[RelayConfig, LogSettings]:
         limits=Limits(max_connections=500, max_connections_per_address=8, hello_rate=0.5,
                       hello_burst=4, max_rooms=7, room_rate=1_000_000,
                       exempt=("192.0.2.0/24",), max_failed_handshakes_per_address=2,
-                      max_failed_handshakes_per_sender=9, failed_handshake_window=90.0),
+                      max_failed_handshakes_per_sender=9, failed_handshake_window=90.0,
+                      max_senders_per_nameplate=7),
         metrics=("127.0.0.1", 9100),
     )
     return relay, LogSettings("debug", "json", True)

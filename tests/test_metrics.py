@@ -165,3 +165,40 @@ async def test_metrics_are_off_unless_asked_for():
         async with running(RelayConfig(hosts=("127.0.0.1",), port=0, secure_port=0)) as ports:
             assert ports.metrics == () and ports.metrics_port is None
             assert "metrics" not in ports.describe()
+
+
+def _public(nameplate: int, n: int) -> bytes:
+    return bytes([n]) + bytes(17) + nameplate.to_bytes(2, "big") + bytes(14)
+
+
+async def test_waiting_peers_by_kind_announcements_and_the_nameplate_cap():
+    config = metrics_config(limits=Limits(max_senders_per_nameplate=2))
+    with trio.fail_after(LIMIT):
+        async with running(config) as ports:
+            senders = []
+            for n in range(2):
+                sender = await Peer.connect("127.0.0.1", ports.port)
+                await sender.send(0, wire.HelloServer(_public(5, n)))
+                await sender.expect(0, wire.ServerIdentity(sender.identity))
+                senders.append(sender)
+            third = await Peer.connect("127.0.0.1", ports.port)
+            await third.send(0, wire.HelloServer(_public(5, 9)))
+            assert await read_all(third.stream) == wire.encode(0, wire.Timeout())
+            scoped = await Peer.connect("127.0.0.1", ports.port)
+            await scoped.send(0, wire.HelloScopedClient(5))
+            await scoped.expect(0, wire.ClientIdentity(scoped.identity))
+            plain = await Peer.connect("127.0.0.1", ports.port)
+            await plain.send(0, wire.HelloClient())
+            await plain.expect(0, wire.ClientIdentity(plain.identity))
+            for receiver in (scoped, plain):
+                for n in range(2):
+                    frame = await receiver.frame()
+                    assert isinstance(frame.packet, wire.NewServer)
+            samples = await scrape(ports.metrics_port)
+            assert value(samples, "peer_relay_waiting", kind="sender") == 2
+            assert value(samples, "peer_relay_waiting", kind="scoped") == 1
+            assert value(samples, "peer_relay_waiting", kind="plain") == 1
+            assert value(samples, "peer_relay_announcements_total") == 4
+            assert value(samples, "peer_relay_refused_total", limit="senders_per_nameplate") == 1
+            for peer in (*senders, third, scoped, plain):
+                await peer.close()
