@@ -252,3 +252,15 @@ async def test_twenty_pairs_spread_over_instances_and_survive_one_instance_dying
     after = await trio.to_thread.run_sync(cluster.rooms)
     survivors = [n for n in range(INSTANCES) if n != victim]
     assert sum(after[n] - rooms[n] for n in survivors) == PAIRS, (rooms, after)
+
+
+def test_the_cluster_benchmark_runs_both_sides(tmp_path):
+    """bench/cluster.py, tiny: both measurements and the summary lines (no figure asserted)."""
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "cluster.py"), "--pairs", "10",
+         "--concurrency", "5", "--rounds", "1"],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path, env=child_env())
+    assert done.returncode == 0, done.stderr[-2000:]
+    for line in ("1 instance :", "2 instances:", "median: 1 instance", "CPU per handshake"):
+        assert line in done.stdout, f"{line!r} missing from:\n{done.stdout}"
+    assert re.search(r"CPU s by instance \d+\.\d/\d+\.\d", done.stdout), done.stdout
