@@ -67,6 +67,12 @@ async def _relay_filter(client: trio.SocketStream, port: int, mode: str, seen: S
                         seen.hellos.append(type(packet).__name__)
                     if isinstance(packet, wire.HelloScopedClient):
                         seen.scoped.append(packet.nameplate)
+                        if mode == "translate":  # a scoped relay, as far as the peer can tell
+                            frame = wire.Frame(frame.uid, wire.HelloClient())
+                        if mode == "garble":
+                            await client.send_all(b"0000ff")
+                            deaf = True
+                            break
                         if mode == "close":
                             nursery.cancel_scope.cancel()
                             return
@@ -77,7 +83,7 @@ async def _relay_filter(client: trio.SocketStream, port: int, mode: str, seen: S
                 if out:
                     await upstream.send_all(b"".join(out))
             nursery.cancel_scope.cancel()
-    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, wire.WireError):
+    except* (trio.BrokenResourceError, trio.ClosedResourceError, OSError, wire.WireError):
         pass
     finally:
         await trio.aclose_forcefully(upstream)
@@ -104,7 +110,7 @@ async def _log_requests(client: trio.SocketStream, port: int, seen: Seen) -> Non
             nursery.start_soon(down)
             await _copy(client, upstream)
             nursery.cancel_scope.cancel()
-    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+    except* (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
         pass
     finally:
         await trio.aclose_forcefully(upstream)
@@ -137,7 +143,7 @@ def relay():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["deaf", "close"])
+@pytest.mark.parametrize("mode", ["deaf", "close", "garble"])
 async def test_a_relay_that_drops_or_closes_on_10_still_gets_the_transfer_done(relay, tmp_path, mode):
     seen = Seen()
     with trio.fail_after(LIMIT):
@@ -241,3 +247,30 @@ async def test_the_relay_ignores_the_query_string():
             nursery.start_soon(serve_one)
             await connect(client_side, host="relay.test", path="/room?nameplate=417")
     assert paths == ["/room"]
+
+
+async def test_a_relay_that_answers_10_keeps_the_receiver_on_its_first_connection(relay):
+    from peer import handshake
+    from peer.address import RelayAddress
+    from peer.meeting import meet
+
+    seen = Seen()
+    password = CODE.encode()
+    with trio.fail_after(LIMIT):
+        async with trio.open_nursery() as nursery:
+            port = await _serve(nursery, lambda c: _relay_filter(c, relay.port, "translate", seen))
+            address = RelayAddress("127.0.0.1", port, relay.secure_port)
+            receiver = handshake.ReceiverHandshake(password)
+            meetings = []
+
+            async def join(machine) -> None:
+                meetings.append(await meet(address, machine, notify=lambda event: None))
+
+            async with trio.open_nursery() as peers:
+                peers.start_soon(join, handshake.SenderHandshake(password))
+                peers.start_soon(join, receiver)
+            for meeting in meetings:
+                await meeting.stream.aclose()
+            nursery.cancel_scope.cancel()
+    assert receiver.registration.scoped and not receiver.registration.fell_back
+    assert seen.scoped == [417] and seen.hellos == ["HelloServer"]  # no 01 from the receiver
