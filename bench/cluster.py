@@ -188,7 +188,8 @@ def main() -> None:
     per = {name: statistics.median(r["busy"][name] / r["per_second"] * 1000 for r in every)
            for name in ("peers", "relays", "nginx")}
     print("CPU per handshake (median of all runs): " + ", ".join(
-        f"{name} {ms:.2f} ms ({1000 / ms:.0f}/s per core)" for name, ms in per.items()))
+        f"{name} {ms:.2f} ms ({f'{1000 / ms:.0f}/s' if ms else 'too little to tell'} per core)"
+        for name, ms in per.items()))
 
 
 if __name__ == "__main__":
