@@ -305,8 +305,8 @@ def test_nameplates_do_not_break_bob_compatibility():
     net = Net()
     stranger = net.join("stranger", sender(b"512-other-words-here"))
     s = net.join("sender", sender(CODE))
-    bob_receiver = ReceiverHandshake(CODE)
-    bob_receiver.nameplate = None
+    bob_receiver = ReceiverHandshake(CODE, scoped=False)  # a plain Hello (01), as bob's
+    bob_receiver.nameplate = None  # and no filtering by salt
     r = net.join("bob receiver", bob_receiver)
     assert r.of(Paired) and s.of(Paired)
     assert stranger.got(wire.XAndClientIdentity)  # unlike ours, it asked the stranger too
@@ -1277,13 +1277,15 @@ def test_a_garbled_answer_is_a_lost_connection_to_the_driver():
     assert isinstance(reconnect, ReconnectPlain)
 
 
-def test_scoped_and_fallen_back_receivers_pair_through_the_relay_core():
+def test_a_scoped_receiver_is_told_only_of_its_nameplate_by_the_relay_core():
     net = Net()
     s = net.join("sender", sender())
     net.join("stranger", sender(b"418-other-words-here"))
+    sender_uid = net.relay.uid_of(s)
     r = net.join("receiver", ReceiverHandshake(CODE))
     [done] = r.of(Paired)
     assert done.partner_identity == s.machine.identity
     assert r.machine.senders_answered == 1  # never the stranger, scoped or not
-    # Either the core answered 10, or it did not and the receiver registered plainly.
-    assert r.machine.registration.scoped != bool(r.reconnects)
+    # Our relay core answers 10 and announces only the senders of that nameplate.
+    assert r.machine.registration.scoped and r.reconnects == []
+    assert [frame.packet.server_uid for frame in r.got(wire.NewServer)] == [sender_uid]
