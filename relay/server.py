@@ -1,11 +1,11 @@
 """The relay daemon's I/O: sockets, timers and tasks around the sans-I/O core.
 
 Everything the relay *decides* lives in ``relay.core`` (handshake port) and ``relay.rooms``
-(secure-room pairing); this module only moves bytes and time into them and carries out
-what they answer. One task per connection reads; on the handshake port a writer task runs
-beside it whenever it has bytes to send, so that a peer which does not read cannot stall
-anyone else: its outgoing bytes wait in a small outbox, and a peer whose outbox overflows
-is cut off as too slow (bounded memory instead of unbounded buffering).
+(secure-room pairing); the drivers only move bytes and time into them and carry out what
+they answer: ``relay.handshake_port`` (a reader task per connection, a writer beside it
+when it has bytes to send, bounded outboxes) and ``relay.secure_port`` (tickets, seats,
+rooms). This module is the relay's life: its configuration, listening, accepting under
+the limits, refusing, reloading and stopping; ``RelayServer`` joins the three.
 
 Both ports may also be reached over TLS (``tls_cert``) and over WebSocket (``ws_port``, one
 port for both protocols, told apart by the request path); ``relay.transports`` turns each
@@ -38,23 +38,31 @@ import math
 import socket
 import ssl
 from functools import partial
-from typing import Awaitable, Callable, Iterable, Mapping, Sequence, TypeVar
+from typing import Awaitable, Callable, Iterable, Mapping, Sequence
 
 import attrs
 import trio
 
 from relay import wire
-from relay.core import ANNOUNCE_BUDGET, Close, Output, Relay, Send
-from relay.limits import Admission, Guard, Limits, Refusal, RefusalLog, RoomMeter, host_of
-from relay.pipe import blind_pipe
-from relay.rooms import Invalid, Paired, RoomBook, Waiting
+from relay.core import Relay
+from relay.handshake_port import HandshakePort, announce_budget
+from relay.limits import Admission, Guard, Limits, Refusal, RefusalLog, host_of
+from relay.opening import LINGER, opened
+from relay.rooms import RoomBook
+from relay.secure_port import (  # noqa: F401 (the statuses are imported from here too)
+    ROOM_INVALID,
+    ROOM_READY,
+    ROOM_TIMEOUT,
+    STATUS_TIMEOUT,
+    SecurePort,
+    _Room,
+    _Seat,
+)
 from relay.transports import (
-    Endpoint,
     Network,
     open_endpoint,
     open_websocket,
     server_tls_context,
-    stream_pipe,
     trusted_network,
 )
 
@@ -67,23 +75,8 @@ log = logging.getLogger("relay.server")
 
 DEFAULT_HOSTS = ("0.0.0.0", "::")
 """Every IPv4 and every IPv6 interface, as two sockets (the IPv6 one is IPv6-only)."""
-TICKET_LIMIT = 100
-"""bob reads the secure-room line into 100 bytes; a line without ``\\n`` by then is invalid."""
-RECEIVE_SIZE = 4096
-"""Handshake packets are at most 408 bytes: small reads keep every peer's turn short."""
-LINGER = 1.0
-"""Seconds to read and drop what a peer still sends after the relay's last bytes to it.
-
-Closing a socket that has unread input makes the kernel send a reset, and a reset can
-destroy the last bytes (0f, ``02``...) in the peer's receive queue before it reads them.
-So the relay shuts its side down first and drains the input until EOF, briefly.
-"""
-CLOSE_GRACE = 5.0
-"""Seconds a closing handshake connection gets to take its last bytes (0e, 0f, 09...)."""
 SHUTDOWN_GRACE = 2.0
 """Seconds the relay waits, when stopping, for handshake peers to take their Closed 0000."""
-STATUS_TIMEOUT = 5.0
-"""Seconds to write a secure-port status (``00``, ``01``, ``02``): two bytes, normally instant."""
 REFUSAL_TIME = 2.0
 """Seconds a refused connection gets to hear why (TLS handshake and upgrade included)."""
 REFUSALS_AT_ONCE = 256
@@ -95,12 +88,6 @@ REFUSAL_LOG_EVERY = 1.0
 ACCEPT_PAUSE = 0.1
 """Seconds to wait before accepting again when the system is out of descriptors or memory."""
 _OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
-
-T = TypeVar("T")
-
-ROOM_READY = b"00"
-ROOM_TIMEOUT = b"01"
-ROOM_INVALID = b"02"
 
 NOT_LIVE = ("hosts", "port", "secure_port", "ws_port", "metrics")
 """RelayConfig fields a running relay cannot change: they are its sockets."""
@@ -299,88 +286,7 @@ def _bound(listeners: list[trio.SocketListener]) -> tuple[tuple[str, int], ...]:
     return tuple(listener.socket.getsockname()[:2] for listener in listeners)
 
 
-def _announce_budget(config: RelayConfig) -> int:
-    """A plain receiver's batch of announcements: well below the outbox limit, so the
-    relay's own announcements never cut off a receiver that reads."""
-    return max(256, min(ANNOUNCE_BUDGET, config.max_outbox // 4))
-
-
-def _text(identity: bytes) -> str:
-    return identity.decode("ascii", "replace")
-
-
-@attrs.define(eq=False)
-class _HandshakeConnection:
-    """One handshake-port peer as the driver sees it; the core knows it by this object."""
-
-    endpoint: Endpoint
-    identity: bytes
-    connected_at: float
-    tasks: trio.Nursery | None = None
-    """The connection's own nursery: its writer runs there, and cancelling it drops the peer."""
-    reading: trio.CancelScope = attrs.Factory(trio.CancelScope)
-    """Cancelled when the core closes the connection; its deadline is the peer's timer."""
-    outbox: bytearray = attrs.Factory(bytearray)
-    in_flight: int = 0
-    """Bytes handed to the socket by the writer and not yet accepted by the kernel."""
-    writing: bool = False
-    """A writer task is running. It is started on demand and ends when the outbox is empty,
-    so an idle peer costs no writer task (memory per connection is the relay's limit)."""
-    closing: str | None = None
-    """Why the connection is closing, once it is; nothing more is sent to it then."""
-    broken: bool = False
-    """A write failed: the peer cannot be told anything more."""
-
-    @property
-    def stream(self) -> trio.abc.Stream:
-        return self.endpoint.stream
-
-    @property
-    def host(self) -> str:
-        return host_of(self.identity)
-
-    def unsent(self) -> int:
-        return len(self.outbox) + self.in_flight
-
-    def drop(self) -> None:
-        """Abandon the connection now, without flushing."""
-        assert self.tasks is not None
-        self.tasks.cancel_scope.cancel()
-
-    def __repr__(self) -> str:
-        return f"<handshake connection {_text(self.identity)}>"
-
-
-@attrs.define(eq=False)
-class _Seat:
-    """A secure-port connection that sent a good ticket and waits for its partner."""
-
-    endpoint: Endpoint
-    identity: bytes
-    waiting: trio.CancelScope = attrs.Factory(trio.CancelScope)
-    outcome: str | None = None
-    """``"paired"`` (the partner's task took the socket), ``"expired"`` (the room timed out),
-    ``"left"`` (the peer hung up first) or ``"stopping"`` (the relay is shutting down)."""
-    released: trio.Event = attrs.Factory(trio.Event)
-    """Set once this seat's own task no longer touches the socket."""
-
-    def end_wait(self, outcome: str) -> None:
-        self.outcome = outcome
-        self.waiting.cancel()
-
-    def __repr__(self) -> str:
-        return f"<secure-port seat {_text(self.identity)}>"
-
-
-@attrs.define(eq=False)
-class _Room:
-    """An open room: its pipe runs under ``scope``, whose deadline is the shutdown's."""
-
-    meter: RoomMeter
-    scope: trio.CancelScope
-
-
-class RelayServer:
+class RelayServer(HandshakePort, SecurePort):
     """The running relay: one core, its connections, and who owns which task.
 
     ``run`` serves; while it does, ``reconfigure`` changes what can change live, and the
@@ -397,7 +303,7 @@ class RelayServer:
         self.rooms = RoomBook(ttl=config.room_timeout)
         self.relay = Relay(self.rooms, hello_gate=self._hello_gate, guard=self.guard,
                            clock=trio.current_time, refusal_log=self._refusal_log,
-                           announce_budget=_announce_budget(config))
+                           announce_budget=announce_budget(config.max_outbox))
         self.connections: collections.Counter[tuple[str, str]] = collections.Counter()
         """Connections being served, by (port, transport): ``("handshake", "tcp")``..."""
         self.open_rooms: set[_Room] = set()
@@ -570,7 +476,7 @@ class RelayServer:
         self.config = attrs.evolve(config, **kept)
         self.tls = tls
         self.guard.limits = self.config.limits
-        self.relay.announce_budget = _announce_budget(self.config)
+        self.relay.announce_budget = announce_budget(self.config.max_outbox)
         self.rooms.ttl = self.config.room_timeout
         self._rooms_changed()
         return restart
@@ -658,10 +564,6 @@ class RelayServer:
             tcp.socket.close()
             self._refusing -= 1
 
-    def _hello_gate(self, conn: _HandshakeConnection) -> str | None:
-        refusal = self.guard.hello(conn.host, trio.current_time())
-        return None if refusal is None else refusal.describe()
-
     def _admit_forwarded(self, admission: Admission, identity: bytes) -> str | None:
         """A trusted proxy named its client: count the connection against that client."""
         refusal = self.guard.charge(admission, host_of(identity))
@@ -673,14 +575,9 @@ class RelayServer:
 
     # -- handshake port -------------------------------------------------------------------
 
-    async def _accept_handshake(self, tcp: trio.SocketStream, admission: Admission) -> None:
-        endpoint = await _opened(open_endpoint(tcp, self.tls, self.config.upgrade_timeout), tcp)
-        if endpoint is not None:
-            await self._serve_handshake(endpoint)
-
     async def _accept_websocket(self, secure_tasks: trio.Nursery, tcp: trio.SocketStream,
                                 admission: Admission) -> None:
-        arrival = await _opened(open_websocket(
+        arrival = await opened(open_websocket(
             tcp, self.tls, self.config.upgrade_timeout, self.config.trusted_proxies,
             admit=partial(self._admit_forwarded, admission)), tcp)
         if arrival is None:
@@ -695,324 +592,3 @@ class RelayServer:
             secure_tasks.start_soon(self._admitted, self._serve_moved, arrival.endpoint,
                                     self.guard.share(admission))
 
-    async def _serve_handshake(self, endpoint: Endpoint) -> None:
-        identity = endpoint.identity
-        if self._stopping:
-            endpoint.abort()
-            return
-        conn = _HandshakeConnection(endpoint, identity, trio.current_time())
-        log.info("handshake connection from %s (%s)", _text(identity), endpoint.transport)
-        kind = ("handshake", endpoint.transport)
-        self.connections[kind] += 1
-        try:
-            async with trio.open_nursery() as tasks:
-                conn.tasks = tasks
-                self._deliver(self.relay.connect(conn, identity))
-                await self._read(conn)
-                if conn.closing is None:  # a bug in the core; do not leave the peer hanging
-                    conn.closing = "closed by the relay"
-                # Leaving the nursery waits for the writer to deliver the last packets.
-                tasks.cancel_scope.deadline = trio.current_time() + CLOSE_GRACE
-            if not tasks.cancel_scope.cancelled_caught and not conn.broken:
-                await endpoint.goodbye(LINGER, reason=conn.closing or "")
-        except Exception:
-            log.exception("handshake connection %s failed", _text(identity))
-        finally:
-            self.connections[kind] -= 1
-            # Whatever happened, the core must not keep a peer we no longer serve (a no-op
-            # when the core closed it itself).
-            try:
-                self._deliver(self.relay.disconnect(conn))
-            except Exception:
-                log.exception("forgetting %s failed", _text(identity))
-            endpoint.abort()
-            log.info("closed %s: %s", _text(identity), conn.closing or "dropped")
-
-    async def _read(self, conn: _HandshakeConnection) -> None:
-        config = self.config
-        conn.reading.deadline = conn.connected_at + min(config.hello_timeout, config.timeout)
-        registered = False
-        with conn.reading:
-            while True:
-                try:
-                    data = await conn.stream.receive_some(RECEIVE_SIZE)
-                except (trio.BrokenResourceError, trio.ClosedResourceError) as error:
-                    if str(error):  # a WebSocket says why it ended (a text message...)
-                        log.info("%s: %s", _text(conn.identity), error)
-                    data = b""
-                if not data:
-                    self._deliver(self.relay.disconnect(conn))
-                    return
-                self._deliver(self.relay.receive(conn, data))
-                self._rooms_changed()
-                if not registered and self.relay.registered(conn) is not None:
-                    registered = True
-                    conn.reading.deadline = conn.connected_at + config.timeout
-        if conn.closing is None:  # the deadline, not the core, ended the reading
-            self._deliver(self.relay.expire(conn))
-
-    async def _write(self, conn: _HandshakeConnection) -> None:
-        """Empty the outbox into the socket, then end (a new burst starts a new writer).
-
-        Each time it is empty the core may give more (a plain receiver's next batch of
-        announcements): so they go out as fast as the peer reads, never faster."""
-        try:
-            while conn.outbox:
-                data = bytes(conn.outbox)
-                conn.outbox.clear()
-                conn.in_flight = len(data)
-                try:
-                    await conn.stream.send_all(data)
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    conn.broken = True
-                    conn.outbox.clear()
-                    if conn.closing is None:
-                        self._deliver(self.relay.disconnect(conn))
-                    conn.reading.cancel()
-                    return
-                finally:
-                    conn.in_flight = 0
-                if not conn.outbox and conn.closing is None:
-                    self._deliver(self.relay.drained(conn))  # lands in this outbox
-        finally:
-            conn.writing = False
-
-    def _deliver(self, outputs: list[Output]) -> None:
-        """Carry out the core's outputs, and those of any peer cut off along the way."""
-        queue = collections.deque(outputs)
-        while queue:
-            output = queue.popleft()
-            conn = output.conn
-            if isinstance(output, Send):
-                if conn.closing is not None:
-                    continue
-                if conn.unsent() + len(output.data) > self.config.max_outbox:
-                    log.info("cutting off %s: it reads too slowly (%d bytes unsent)",
-                             _text(conn.identity), conn.unsent())
-                    conn.closing = "too slow to read"
-                    conn.drop()
-                    queue.extend(self.relay.disconnect(conn))
-                    continue
-                conn.outbox += output.data
-                if not conn.writing:
-                    conn.writing = True
-                    conn.tasks.start_soon(self._write, conn)
-            elif isinstance(output, Close):
-                if conn.closing is None:
-                    conn.closing = output.reason
-                conn.reading.cancel()
-
-    # -- secure port ----------------------------------------------------------------------
-
-    async def _accept_secure(self, tcp: trio.SocketStream, admission: Admission) -> None:
-        endpoint = await _opened(open_endpoint(tcp, self.tls, self.config.upgrade_timeout), tcp)
-        if endpoint is not None:
-            await self._serve_secure(endpoint)
-
-    async def _serve_moved(self, endpoint: Endpoint, admission: Admission) -> None:
-        await self._serve_secure(endpoint)
-
-    async def _serve_secure(self, endpoint: Endpoint) -> None:
-        identity = endpoint.identity
-        who = _text(identity)
-        owned = [endpoint]
-        room: tuple[_Seat, _Seat] | None = None
-        kind = ("secure", endpoint.transport)
-        self.connections[kind] += 1
-        stopping = trio.CancelScope()  # cancelled if the relay stops before a room is found
-        self._before_room.add(stopping)
-        try:
-            with stopping:
-                if self._stopping:
-                    stopping.cancel()
-                with trio.move_on_after(self.config.room_timeout) as line_timer:
-                    ticket = await _read_ticket(endpoint.stream)
-            self._before_room.discard(stopping)
-            if stopping.cancelled_caught:
-                log.info("secure port %s: the relay is stopping", who)
-                await _send_status(endpoint, ROOM_TIMEOUT)
-                return
-            if line_timer.cancelled_caught:
-                log.info("secure port %s: no ticket in time", who)
-                await _send_status(endpoint, ROOM_TIMEOUT)
-                return
-            if ticket is None:
-                log.info("secure port %s: no valid ticket line", who)
-                await _send_status(endpoint, ROOM_INVALID)
-                return
-            seat = _Seat(endpoint, identity)
-            arrival = self.rooms.arrive(seat, ticket, trio.current_time(), source=identity)
-            self._rooms_changed()
-            if isinstance(arrival, Invalid):
-                log.info("secure port %s: ticket %r refused (%s)", who, _text(ticket),
-                         arrival.reason)
-                await _send_status(endpoint, ROOM_INVALID)
-            elif isinstance(arrival, Waiting):
-                log.info("secure port %s: waiting for %s", who, _text(ticket))
-                owned = await self._wait_for_partner(seat)
-            elif isinstance(arrival, Paired):
-                partner: _Seat = arrival.partner
-                partner.end_wait("paired")
-                owned.append(partner.endpoint)
-                await partner.released.wait()
-                room = (partner, seat)
-                owned = []
-        except Exception:
-            log.exception("secure-port connection %s failed", who)
-        finally:
-            self._before_room.discard(stopping)
-            self.connections[kind] -= 1
-            for owned_endpoint in owned:
-                owned_endpoint.abort()
-        if room is not None:
-            await self._open_room(*room)
-
-    async def _wait_for_partner(self, seat: _Seat) -> list[Endpoint]:
-        """Hold the connection until the partner's task takes it; return what is still ours."""
-        self._seats.add(seat)
-        try:
-            with seat.waiting:
-                if self._stopping:
-                    seat.end_wait("stopping")
-                await seat.endpoint.wait_hangup()
-            if seat.outcome == "paired":
-                return []
-            if seat.outcome == "expired":
-                log.info("secure port %s: partner never came; closing", _text(seat.identity))
-            elif seat.outcome == "stopping":
-                log.info("secure port %s: the relay is stopping", _text(seat.identity))
-                self.rooms.leave(seat)
-                await _send_status(seat.endpoint, ROOM_TIMEOUT)
-                return []
-            else:
-                seat.outcome = "left"
-                log.info("secure port %s: left before its partner came", _text(seat.identity))
-                self.rooms.leave(seat)
-            return [seat.endpoint]
-        finally:
-            self._seats.discard(seat)
-            if seat.outcome in (None, "stopping"):  # cancelled: the seat must not be paired later
-                self.rooms.leave(seat)
-            seat.released.set()
-
-    async def _open_room(self, first: _Seat, second: _Seat) -> None:
-        """Join two seats (this task owns both endpoints now) and pipe them until either ends."""
-        a, b = first.endpoint, second.endpoint
-        names = f"{_text(first.identity)} and {_text(second.identity)}"
-        kinds = [("secure", a.transport), ("secure", b.transport)]
-        for kind in kinds:
-            self.connections[kind] += 1
-        try:
-            refusal = self.guard.open_room() if not self._stopping else Refusal.ROOMS
-            if refusal is not None:
-                log.info("room for %s refused: %s", names,
-                         "the relay is stopping" if self._stopping else refusal.describe())
-                async with trio.open_nursery() as both:
-                    both.start_soon(_send_status, a, ROOM_TIMEOUT)
-                    both.start_soon(_send_status, b, ROOM_TIMEOUT)
-                return
-            try:
-                await self._pipe_room(a, b, names)
-            finally:
-                self.guard.close_room()
-        finally:
-            for kind in kinds:
-                self.connections[kind] -= 1
-            a.abort()
-            b.abort()
-
-    async def _pipe_room(self, a: Endpoint, b: Endpoint, names: str) -> None:
-        for endpoint in (a, b):
-            if not await _send_status(endpoint, ROOM_READY, close=False):
-                log.info("room for %s not opened: a peer is gone", names)
-                return
-        room = _Room(self.guard.room_meter(trio.current_time()),
-                     trio.CancelScope(deadline=self._rooms_deadline))
-        self.open_rooms.add(room)
-        self.rooms_opened += 1
-        log.info("room open between %s (%s to %s)", names, a.transport, b.transport)
-        stats = None
-        try:
-            with room.scope:
-                if a.plain and b.plain:
-                    # kernel splice: the bytes stay in the kernel
-                    stats = await blind_pipe(a.stream, b.stream, meter=room.meter)
-                else:
-                    stats = await stream_pipe(a, b, meter=room.meter)
-        finally:
-            self.open_rooms.discard(room)
-            self.bytes_forwarded_closed += room.meter.delivered
-        if stats is None:
-            log.info("room between %s ended by the shutdown after %d bytes", names,
-                     room.meter.delivered)
-            return
-        ends = {"a": _text(a.identity), "b": _text(b.identity)}
-        log.info("room closed between %s: %d bytes one way, %d the other, ended by %s (%s)",
-                 names, stats.a_to_b, stats.b_to_a, ends.get(stats.ended_by, "the relay"),
-                 stats.reason)
-
-    # -- room expiry ----------------------------------------------------------------------
-
-    def _rooms_changed(self) -> None:
-        """Wake the janitor if the book now has a deadline earlier than the one it sleeps on."""
-        deadline = self.rooms.next_deadline()
-        if deadline is not None and deadline < self._janitor_until:
-            self._janitor_wake.set()
-
-    async def _expire_rooms(self) -> None:
-        """Close waiting halves whose room was not joined in time (and forget stale bookings)."""
-        while True:
-            self._janitor_wake = trio.Event()
-            deadline = self.rooms.next_deadline()
-            self._janitor_until = math.inf if deadline is None else deadline
-            with trio.move_on_at(self._janitor_until):
-                await self._janitor_wake.wait()
-            for seat in self.rooms.expire(trio.current_time()):
-                seat.end_wait("expired")
-
-
-async def _opened(opening: Awaitable[T], tcp: trio.SocketStream) -> T | None:
-    """Run a connection's opening (TLS, upgrade); a bug there must not take the relay down."""
-    try:
-        return await opening
-    except Exception:
-        log.exception("opening a connection failed")
-        tcp.socket.close()
-        return None
-
-
-async def _read_ticket(stream: trio.abc.Stream) -> bytes | None:
-    """The partner identity line, or None for EOF or no ``\\n`` within the first 100 bytes.
-
-    Reads never go past those 100 bytes, so whatever a peer sends later waits in the socket
-    and enters the pipe; bytes after the ``\\n`` within them are dropped, as bob does.
-    """
-    line = bytearray()
-    while len(line) < TICKET_LIMIT:
-        try:
-            data = await stream.receive_some(TICKET_LIMIT - len(line))
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            return None
-        if not data:
-            return None
-        line += data
-        end = line.find(b"\n")
-        if end >= 0:
-            return bytes(line[:end])
-    return None
-
-
-async def _send_status(endpoint: Endpoint, status: bytes, *, close: bool = True) -> bool:
-    """Write a two-byte secure-port status; say whether it went out."""
-    sent = False
-    with trio.move_on_after(STATUS_TIMEOUT):
-        try:
-            await endpoint.stream.send_all(status)
-            sent = True
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
-    if close:
-        if sent:
-            await endpoint.goodbye(LINGER)
-        endpoint.abort()
-    return sent
