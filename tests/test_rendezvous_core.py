@@ -306,6 +306,17 @@ class RendezvousMachine(RuleBasedStateMachine):
             return
         self.crowd.senders[conn] = nameplate
 
+    @rule(receiver=receivers, sender=senders)
+    def receiver_starts_a_handshake(self, receiver, sender):
+        relay = self.crowd.relay
+        if relay.registered(receiver) is None or relay.registered(sender) is None:
+            return
+        x = wire.XAndClientIdentity(bytes(32), ident(9999))
+        out = self.crowd.run(relay.receive(receiver, wire.encode(relay.uid_of(sender), x)))
+        scope = self.crowd.scope[receiver]
+        allowed = scope is None or scope == self.crowd.senders[sender]
+        assert [o.conn for o in out] == ([sender] if allowed else [])
+
     @rule()
     def everyone_reads(self):
         self.crowd.check()
