@@ -107,3 +107,24 @@ async def _crowd(port: int) -> None:
         finally:
             for peer in peers:
                 await peer.close()
+
+
+def test_a_cut_short_scoped_hello_closes_that_connection_only(relay_process):
+    async def check(port: int) -> None:
+        with trio.fail_after(30):
+            sender = await Peer.connect("127.0.0.1", port)
+            await sender.send(0, wire.HelloServer(public_for(9, 1)))
+            await sender.expect(0, wire.ServerIdentity(sender.identity))
+            broken = await Peer.connect("127.0.0.1", port)
+            await broken.stream.send_all(b"000010\x00")  # one byte of its two
+            await broken.stream.send_eof()
+            await broken.expect_eof()
+            await broken.close()
+            receiver = await Peer.connect("127.0.0.1", port)
+            await receiver.send(0, wire.HelloScopedClient(9))
+            await receiver.expect(0, wire.ClientIdentity(receiver.identity))
+            assert isinstance((await receiver.frame()).packet, wire.NewServer)
+            for peer in (sender, receiver):
+                await peer.close()
+
+    trio.run(check, relay_process.port)

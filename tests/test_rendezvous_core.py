@@ -8,6 +8,7 @@ from __future__ import annotations
 import itertools
 from collections import defaultdict
 
+import attrs
 import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
@@ -333,3 +334,15 @@ class RendezvousMachine(RuleBasedStateMachine):
 RendezvousMachine.TestCase.settings = settings(max_examples=100, stateful_step_count=30,
                                                deadline=None)
 test_rendezvous_machine = RendezvousMachine.TestCase
+
+
+def test_the_nameplate_cap_and_the_budget_follow_a_reload():
+    crowd = Crowd(cap=1)
+    crowd.sender(5)
+    crowd.relay.guard.limits = attrs.evolve(crowd.relay.guard.limits, max_senders_per_nameplate=2)
+    crowd.sender(5)
+    assert crowd.relay.waiting["sender"] == 2
+    crowd.relay.announce_budget = 10_000
+    crowd.budget = 10_000
+    plain = crowd.receiver(None)
+    assert len(crowd.told[plain]) == 2  # the first batch, larger now
