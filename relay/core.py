@@ -7,11 +7,12 @@ to it before is written. Connections are named by whatever hashable ``conn`` the
 Keeping I/O out makes every rule testable byte for byte without a network.
 
 A plain client (01) is a candidate of every registered server, as bob announces each server
-to each client; a scoped client (10, ../shared/PROTOCOL.md §8.1) only of the servers whose
+to each client; a scoped client (10, docs/protocol.md §10) only of the servers whose
 salt starts with its nameplate. Instead of storing that relation (clients × servers
 entries), each peer keeps only its *links*: pairs whose handshake ended (Refused,
-Spoke_failure: no longer candidates) or reached Agreement (the only pairs that may be
-Accepted). Memory stays linear in peers plus packets actually exchanged.
+Spoke_failure: no longer candidates), reached Agreement (the only pairs that may be
+Accepted), or where the client has spoken to the server (so only those servers hear that it
+left). Memory stays linear in peers plus packets actually exchanged.
 
 Rendezvous cost: servers are indexed by nameplate
 and scoped clients by theirs, so a scoped arrival costs the servers of its nameplate and a
@@ -146,6 +147,8 @@ class _Link(enum.Enum):
     """Refused or Spoke_failure between them: no longer candidates."""
     AGREED = "agreed"
     """The server sent Agreement to the client: the client may now Accept it."""
+    SPOKEN = "spoken"
+    """The client's packets reached the server (it knows the client's UID), nothing more yet."""
 
 
 _SENT_BY = {
@@ -637,6 +640,9 @@ class Relay:
                 failed = handshake is not None and (sender is client or handshake.answered)
                 self._end_handshake(client, server, failed=failed)
                 self._link(sender, target, _Link.ENDED)
+        if sender.role is Role.CLIENT and target.uid not in sender.links:
+            # Now the server knows this client's UID: it is owed a Closed when the client goes.
+            self._link(sender, target, _Link.SPOKEN)
         self._send(out, target, sender.uid, packet)
 
     def _begin_handshake(self, out: list[Output], client: _Peer, server: _Peer) -> bool:
@@ -724,16 +730,18 @@ class Relay:
     # -- state helpers --------------------------------------------------------------------
 
     def _candidates(self, peer: _Peer) -> list[_Peer]:
-        """The peer's candidates that know of the pair: a client's servers it was told of, a
-        server's clients told of it. Cost: a scoped client, the servers of its nameplate; a
-        plain one, all servers; a server, the scoped clients of its nameplate and the plain."""
+        """The peer's candidates that know of the pair: a client's servers it has spoken to
+        (a handshake open, or agreed), a server's clients told of it.
+
+        A server learns a client's UID only from the client's own packets, so a Closed for a
+        client it never heard from would tell it nothing (ours ignores it; bob's relay sends
+        none at all): a plain client leaving a crowd of thousands costs its handshakes, not
+        the crowd. Cost for a server: the scoped clients of its nameplate and the plain."""
         assert peer.role is not None
         if peer.role is Role.CLIENT:
-            if peer.nameplate is None:
-                others = [server for server in self._registered[Role.SERVER].values()
-                          if server.seq <= peer.high]
-            else:
-                others = list(self._senders.get(peer.nameplate, {}).values())
+            servers = self._registered[Role.SERVER]
+            others = [servers[uid] for uid, link in sorted(peer.links.items())
+                      if link is not _Link.ENDED and uid in servers]
         else:
             others = list(self._scoped.get(peer.nameplate, {}).values())
             others += [client for client in self._plain.values() if peer.seq <= client.high]
