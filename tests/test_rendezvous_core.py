@@ -1,5 +1,5 @@
-"""The scoped rendezvous and paced announcements of the relay core (../shared/PROTOCOL.md
-§8.1): every receiver is told exactly the senders it may pair with (a plain one all, a
+"""The scoped rendezvous and paced announcements of the relay core (docs/protocol.md
+§10): every receiver is told exactly the senders it may pair with (a plain one all, a
 scoped one those of its nameplate), each once, hears Closed only for senders it was told
 of, and a plain one is never sent more unread announcements than its budget."""
 
