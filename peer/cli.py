@@ -26,7 +26,7 @@ from .meeting import HandshakeFailed, meet
 from .progress import Progress
 from .receiving import receive_offer
 from .rendezvous import RelayError
-from .sending import BOB_WAIT, send_selection
+from .sending import BOB_WAIT, HELLO_TIMEOUT, send_selection
 from .source import SourceError, scan, stdin_selection, text_selection
 from .transfer import TransferFailed
 
@@ -110,6 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=_rate,
         default=None,
         help="send at most RATE bytes per second on the wire (suffixes K, M, G: KiB/s, MiB/s, GiB/s)",
+    )
+    send.add_argument(
+        "--no-bob",
+        action="store_true",
+        help="never fall back to bob's format: a receiver that does not greet us is a failure, so "
+        "no relay can pass itself off as a bob receiver (which cannot confirm what it got)",
     )
     send.add_argument(
         "--name", metavar="NAME", default="stdin", help="the name to offer for standard input (`-`; default: stdin)"
@@ -400,8 +406,8 @@ async def _send_through(address, password, selection, args, console: Console) ->
             selection,
             confirm=confirm,
             make_progress=make_progress,
-            to_bob=to_bob,
-            bob_wait=BOB_WAIT,
+            to_bob=None if args.no_bob else to_bob,
+            bob_wait=HELLO_TIMEOUT if args.no_bob else BOB_WAIT,
             public=meeting.paired.public.encode() if meeting.paired.public is not None else None,
             compress=args.compress,
             limit_rate=args.limit_rate,
