@@ -5,7 +5,7 @@ from __future__ import annotations
 import trio
 
 from . import records
-from .transfer import TransferFailed
+from .errors import TransferFailed
 
 RECEIVE_SIZE = 1024 * 1024
 _IOV_MAX = 512  # well under every system's limit on buffers per sendmsg

@@ -21,6 +21,7 @@ from .address import DEFAULT_PORT, DEFAULT_SECURE_PORT, AddressError, RelayAddre
 from .channel import Channel
 from .console import Console
 from .destination import Destination, DestinationError, StreamDestination
+from .errors import TransferFailed
 from .memory import keep_freed_memory
 from .meeting import HandshakeFailed, meet
 from .progress import Progress
@@ -28,7 +29,6 @@ from .receiving import receive_offer
 from .rendezvous import RelayError
 from .sending import BOB_WAIT, HELLO_TIMEOUT, send_selection
 from .source import SourceError, scan, stdin_selection, text_selection
-from .transfer import TransferFailed
 
 RELAY_ENV = "PEER_RELAY"
 PASSWORD_ENV = "PEER_PASSWORD"

@@ -29,6 +29,17 @@ from typing import Iterator
 import blake3
 
 from peer.journal import JOURNAL_SUFFIX, MAGIC as JOURNAL_MAGIC, Journal, journal_key
+from peer.offer import (
+    MAX_COMPONENT_BYTES,
+    Offer,
+    OfferEntry,
+    format_size,
+    name_problem,
+    os_reason,
+    same_name_key,
+    shown,
+    windows_problem,
+)
 from peer.partfile import (
     PART_SUFFIX,
     DestinationError,
@@ -39,18 +50,7 @@ from peer.partfile import (
     link_or_rename,
     part_name,
 )
-from peer.transfer import (
-    MAX_COMPONENT_BYTES,
-    RESUME_CHUNK,
-    Offer,
-    OfferEntry,
-    format_size,
-    name_problem,
-    os_reason,
-    same_name_key,
-    shown,
-    windows_problem,
-)
+from peer.transfer import RESUME_CHUNK
 
 __all__ = [
     "Destination",

@@ -9,8 +9,8 @@ import trio
 from . import compression, transfer
 from .channel import Channel, ChannelBroken, ChannelClosed, lost
 from .destination import Destination, DestinationError
+from .errors import TransferFailed
 from .progress import Progress
-from .transfer import TransferFailed
 
 Decide = Callable[[transfer.Offer], Awaitable[bool]]
 MakeProgress = Callable[[transfer.Offer], Progress]

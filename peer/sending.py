@@ -9,9 +9,9 @@ import trio
 
 from . import compression, transfer
 from .channel import Channel, ChannelBroken, ChannelClosed
+from .errors import TransferFailed
 from .progress import Progress
 from .source import Selection, SourceError
-from .transfer import TransferFailed
 
 BOB_WAIT = 5.0
 """Seconds a sender that can also speak bob's format waits for our receiver's HELLO before

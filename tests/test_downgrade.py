@@ -270,7 +270,7 @@ async def test_no_bob_turns_a_silent_receiver_into_a_failure():
     # the tests above turn into "bob cannot confirm" is then a plain failure.
     from peer.channel import Channel
     from peer.source import text_selection
-    from peer.transfer import TransferFailed
+    from peer.errors import TransferFailed
 
     assert cli.build_parser().parse_args(["send", "--no-bob", "x"]).no_bob
     ours, silent = trio.testing.memory_stream_pair()

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from peer import handshake, transfer
+from peer import handshake, messages
 from peer.address import RelayAddress
 from peer.channel import Channel
 from peer.meeting import meet
@@ -227,11 +227,11 @@ async def test_hostile_sender_names_are_refused(relay_process, tmp_path, hostile
             "version": 1, "features": [], "file_count": 1, "total_bytes": 4,
             "entries": [{"kind": "file", "path": hostile, "size": 4, "executable": False}],
         }
-        await channel.send(transfer.OfferPart(False, json.dumps(document).encode()).encode())
+        await channel.send(messages.OfferPart(False, json.dumps(document).encode()).encode())
         await channel.flush()
         reply = await channel.receive()
         await channel.abort()
-    assert reply[0] == transfer.Error.TYPE
+    assert reply[0] == messages.Error.TYPE
     r, _, r_err = await trio.to_thread.run_sync(finish, receiver)
     assert r == 1 and len(r_err.strip().splitlines()) == 1, r_err
     assert list(out.iterdir()) == []

@@ -25,7 +25,7 @@ import zlib
 from array import array
 from typing import Callable, Iterator
 
-from peer.transfer import DIRECTORY, FILE, MAX_FILE_SIZE, MAX_PATH_BYTES, Offer, OfferEntry, name_problem, shown
+from peer.offer import DIRECTORY, FILE, MAX_FILE_SIZE, MAX_PATH_BYTES, Offer, OfferEntry, name_problem, shown
 
 from .format import (
     _DELTAS,
