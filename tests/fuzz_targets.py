@@ -317,7 +317,8 @@ def message_seeds() -> list[bytes]:
 
 def _sample_messages() -> list:
     return [
-        messages.Hello(1, ("resume",)), messages.OfferPart(False, b"{}"),
+        messages.Hello(1, ("resume",)), messages.Hello(1, ("resume", "pack-ack"), bytes(range(14))),
+        messages.OfferPart(False, b"{}"),
         messages.Answer(True), messages.Answer(False, "no"), messages.Answer(True, "", [(1, 5)]),
         messages.FileStart(1, 0), messages.Data(b"abc"), messages.FileEnd(bytes(32)),
         messages.Done(), messages.Ack(1, 3), messages.Error("disk full"),
