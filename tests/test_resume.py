@@ -284,6 +284,9 @@ def test_a_transfer_killed_on_either_side_resumes_where_it_stopped(relay_process
     assert (s, r) == (0, 0), s_err + r_err
     assert (out / "big.bin").read_bytes() == data
     assert os.listdir(out) == ["big.bin"]  # part and journal are gone
+    # Both sides say where the file resumes (a line of its own off a terminal).
+    resumed = f"Resuming big.bin at {16 * done:.1f} MiB of 64.0 MiB"
+    assert resumed in r_err.splitlines() and resumed in s_err.splitlines(), r_err + s_err
     # Only what was missing crossed the wire (plus record overhead), so nothing done was sent.
     wire = float(s_err.split(", ")[1].split(" ")[0])
     assert wire <= 64 - 16 * done + 1, s_err
