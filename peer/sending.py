@@ -205,7 +205,7 @@ async def _stream_files(channel, session, selection, progress, choice=None, pace
         with selection.open(entry, start=start, chunk=chunk) as reader:
             await channel.send(session.begin_file(entry))
             if progress is not None and start:
-                progress.advance(start)
+                progress.resume_at(start, entry.size)
             if choice is not None or entry.size is None:
                 await _send_blocks(channel, session, reader, choice, progress, pacer, stream=entry.size is None)
             else:
