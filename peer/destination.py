@@ -719,6 +719,7 @@ class Destination:
                 kept = True
             else:
                 part.discard()
+        self.kept_partial = kept  # read by the command line, to say that running it again resumes
         # The journals of complete files matter only if a later attempt has more to do.
         unfinished = kept or bool(set(self._planned) - self._committed - {e.path for e in self._directories})
         for journal in self._finished_journals:

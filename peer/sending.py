@@ -8,7 +8,7 @@ from typing import Awaitable, Callable
 import trio
 
 from . import compression, transfer
-from .channel import Channel, ChannelBroken, ChannelClosed
+from .channel import Channel, ChannelBroken, ChannelClosed, lost
 from .errors import TransferFailed
 from .progress import Progress
 from .source import Selection, SourceError
@@ -80,8 +80,8 @@ async def send_selection(
     except transfer.ProtocolError as error:
         await _tell(channel, session, str(error))
         raise TransferFailed(f"the receiver broke the protocol: {error}") from None
-    except ChannelClosed:
-        raise TransferFailed("the receiver went away before confirming the transfer") from None
+    except ChannelClosed as error:
+        raise lost(error, "the receiver", "before confirming the transfer") from None
     except ChannelBroken as error:
         raise TransferFailed(str(error)) from None
 
