@@ -8,7 +8,7 @@ Targets (the properties are in tests/fuzz_targets.py, shared with tests/test_fuz
   wire      relay.wire.Parser on any stream, cut anywhere
   frames    relay.frames.FrameReader (WebSocket frames after the upgrade), cut anywhere
   records   peer.records.Opener on sealed records with bits flipped or the stream cut
-  message   peer.transfer.decode_message on one record plaintext
+  message   peer.messages.decode_message on one record plaintext
   receiver  peer.transfer.ReceiverSession driven through a whole (mutated) transfer
 
 Engines:
@@ -117,7 +117,9 @@ def run_atheris_child(name: str) -> None:
 
     with atheris.instrument_imports():
         import fuzz_targets as targets
-        import peer.records  # noqa: F401 - instrumented for coverage
+        import peer.messages  # noqa: F401 - instrumented for coverage
+        import peer.offer  # noqa: F401
+        import peer.records  # noqa: F401
         import peer.transfer  # noqa: F401
         import relay.wire  # noqa: F401
     one_input = targets.TARGETS[name][0]

@@ -23,9 +23,9 @@ import trio
 from . import pack, transfer
 from .channel import Channel, ChannelBroken, ChannelClosed, lost
 from .destination import Destination, DestinationError
+from .errors import TransferFailed
 from .progress import Progress
 from .source import Selection, SourceError
-from .transfer import TransferFailed
 
 CLOSE_WAIT = 60.0
 """How long a sender waits for the receiver to close (or ACK) once the trailer is sent."""

@@ -5,24 +5,38 @@ from __future__ import annotations
 import trio
 
 from . import records
-from .transfer import TransferFailed
+from .errors import TransferFailed
 
 RECEIVE_SIZE = 1024 * 1024
 _IOV_MAX = 512  # well under every system's limit on buffers per sendmsg
 
 
+LOST = "the connection through the relay was lost"
+"""What a broken connection means to the user: the relay, the network or the peer may have
+gone, and from here nobody can tell which, so neither side blames the other."""
+
+
 class ChannelClosed(Exception):
-    """The other side closed the room (close marker or a clean end of stream)."""
+    """The room ended cleanly: the peer's close marker (``by_peer``), or an end of stream at a
+    record boundary, which bob's peers use too but which the relay going away also gives."""
+
+    def __init__(self, message: str, *, by_peer: bool = True) -> None:
+        super().__init__(message)
+        self.by_peer = by_peer
 
 
 class ChannelBroken(Exception):
     """The room failed: corrupted or truncated records, or the connection broke."""
 
 
-def lost(error: ChannelClosed | ChannelBroken) -> TransferFailed:
-    """What a channel that ended too early means to the user, in one line."""
+def lost(error: ChannelClosed | ChannelBroken, peer: str = "the other side",
+         doing: str = "before the transfer finished") -> TransferFailed:
+    """What a channel that ended too early means to the user, in one line: the peer is
+    blamed only when it said goodbye (the close marker); otherwise the connection is."""
+    if isinstance(error, ChannelClosed) and error.by_peer:
+        return TransferFailed(f"{peer} went away {doing}")
     if isinstance(error, ChannelClosed):
-        return TransferFailed("the other side went away before the transfer finished")
+        return TransferFailed(LOST)
     return TransferFailed(str(error))
 
 
@@ -52,6 +66,7 @@ class Channel:
         self._batch_size = batch_size
         self.bytes_sent = 0
         self.bytes_received = 0
+        self._held: bytes | None = None
 
     @property
     def big_records(self) -> bool:
@@ -79,7 +94,7 @@ class Channel:
         try:
             await self._write(pending)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as error:
-            raise ChannelBroken(f"connection lost while sending: {_why(error)}") from None
+            raise ChannelBroken(f"{LOST} ({_why(error)})") from None
         self.bytes_sent += size
 
     async def _write(self, pieces: list[bytes]) -> None:
@@ -99,6 +114,9 @@ class Channel:
 
     async def receive(self) -> bytes:
         """The next plaintext record; ChannelClosed at the end, ChannelBroken on corruption."""
+        if self._held is not None:
+            record, self._held = self._held, None
+            return record
         while True:
             try:
                 record = self._opener.next_record()
@@ -111,15 +129,20 @@ class Channel:
             try:
                 count = await self._receive()
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as error:
-                raise ChannelBroken(f"connection lost: {_why(error)}") from None
+                raise ChannelBroken(f"{LOST} ({_why(error)})") from None
             if not count:
                 try:
                     self._opener.eof()
                 except records.RecordError as error:
-                    raise ChannelBroken("the other side or the connection went away in the middle "
-                                        f"of the transfer ({error})") from None
-                raise ChannelClosed("the other side closed the connection")
+                    raise ChannelBroken(f"{LOST} in the middle of a record ({error})") from None
+                raise ChannelClosed(LOST, by_peer=False)
             self.bytes_received += count
+
+    def hold(self, record: bytes) -> None:
+        """Give back a record taken early (while a prompt watched the room): the next
+        ``receive`` returns it."""
+        assert self._held is None
+        self._held = record
 
     async def _receive(self) -> int:
         """Read what has arrived into the opener; 0 at the end of the stream."""

@@ -16,19 +16,20 @@ from pathlib import Path
 
 import trio
 
-from . import codes, handshake, transfer
+from . import codes, handshake, messages, transfer
 from .address import DEFAULT_PORT, DEFAULT_SECURE_PORT, AddressError, RelayAddress, parse_relay
-from .channel import Channel
+from .channel import Channel, ChannelBroken, ChannelClosed, lost
 from .console import Console
 from .destination import Destination, DestinationError, StreamDestination
+from .errors import TransferFailed
 from .memory import keep_freed_memory
 from .meeting import HandshakeFailed, meet
 from .progress import Progress
 from .receiving import receive_offer
 from .rendezvous import RelayError
-from .sending import BOB_WAIT, send_selection
+from .sending import BOB_WAIT, HELLO_TIMEOUT, send_selection
 from .source import SourceError, scan, stdin_selection, text_selection
-from .transfer import TransferFailed
+from .status import StatusConsole, StatusLine
 
 RELAY_ENV = "PEER_RELAY"
 PASSWORD_ENV = "PEER_PASSWORD"
@@ -36,6 +37,14 @@ PASSWORD_ENV = "PEER_PASSWORD"
 
 class Failure(Exception):
     """Stop with this one-line message and exit status 1."""
+
+    status = 1
+
+
+class Refused(Failure):
+    """A usage problem found before anything was sent: exit status 2."""
+
+    status = 2
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -85,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     common(send)
     send.add_argument(
         "--password",
+        "--code",
+        dest="password",
         metavar="PW",
         help=f"use this code instead of a generated one (${PASSWORD_ENV} does the same without "
         "showing it in the process list)",
@@ -110,6 +121,23 @@ def build_parser() -> argparse.ArgumentParser:
         type=_rate,
         default=None,
         help="send at most RATE bytes per second on the wire (suffixes K, M, G: KiB/s, MiB/s, GiB/s)",
+    )
+    send.add_argument(
+        "--confirm",
+        action="store_true",
+        help="ask before sending, once the receiver is known (by default only the receiver is asked)",
+    )
+    send.add_argument(
+        "--skip-unreadable",
+        action="store_true",
+        help="leave out the files and directories inside the given directories that cannot be "
+        "read, listing them here and in the offer (by default one of them stops the send)",
+    )
+    send.add_argument(
+        "--no-bob",
+        action="store_true",
+        help="never fall back to bob's format: a receiver that does not greet us is a failure, so "
+        "no relay can pass itself off as a bob receiver (which cannot confirm what it got)",
     )
     send.add_argument(
         "--name", metavar="NAME", default="stdin", help="the name to offer for standard input (`-`; default: stdin)"
@@ -151,6 +179,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--keep-modes",
         action="store_true",
         help="keep the sender's executable bits (by default no received file is executable)",
+    )
+    recv.add_argument(
+        "--as-typed",
+        action="store_true",
+        help="try the code even if it looks like a generated one with a word outside the list "
+        "(for a sender's own --password; otherwise such a code is questioned, or refused "
+        "without a terminal, before it costs one of the sender's attempts)",
     )
     recv.add_argument("code", nargs="?", help=f"the code the sender printed (asked for if absent, or ${PASSWORD_ENV})")
     return parser
@@ -197,15 +232,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=logging.ERROR, format="peer: %(message)s")
     keep_freed_memory()
-    console = Console(quiet=args.quiet, assume_yes=args.yes)
+    console = StatusConsole(StatusLine(quiet=args.quiet), quiet=args.quiet, assume_yes=args.yes)
     run = _send if args.command == "send" else _recv
     try:
+        if args.command == "recv":
+            args.code = _recv_code(args, console)
         return trio.run(run, args, console)
     except BaseException as error:  # noqa: B902 - unwrapped and re-raised below if unknown
         error = _sole(error)
         if isinstance(error, Failure):
             console.error(str(error))
-            return 1
+            return error.status
         if isinstance(error, KeyboardInterrupt):
             console.error("interrupted")
             return 130
@@ -255,6 +292,17 @@ def _describe_handshake_event(console: Console, event: handshake.Event) -> None:
         console.info(f"{_show(event.partner_identity)} declined; still waiting")
 
 
+def _notify(console: StatusConsole, waiting_for: str):
+    """The handshake's events for the user; once the relay knows us, we wait for the peer."""
+
+    def notify(event: handshake.Event) -> None:
+        if isinstance(event, handshake.Registered):
+            console.status.show(f"Waiting for the {waiting_for}...")
+        _describe_handshake_event(console, event)
+
+    return notify
+
+
 BOB_ITERATIONS = 16
 """The PBKDF2 count in bob's public (ours uses spoke.DEFAULT_ITERATIONS)."""
 
@@ -288,7 +336,7 @@ async def _send(args, console: Console) -> int:
         elif args.paths == ["-"]:
             selection = stdin_selection(args.name)
         else:
-            selection = scan(args.paths)
+            selection = scan(args.paths, skip_unreadable=args.skip_unreadable)
     except SourceError as error:
         raise Failure(str(error)) from None
     for warning in selection.warnings:
@@ -299,6 +347,9 @@ async def _send(args, console: Console) -> int:
     generated = text is None
     if generated:
         text = codes.generate_code()
+    elif (suspect := codes.review_code(text)) is not None:
+        console.warn(f"{text} looks like a generated code but {suspect.describe()}: the receiver "
+                     "will be asked whether it is a typo, or need --as-typed without a terminal")
     password = codes.password_bytes(text)
     if not password:
         raise Failure("the code must not be empty")
@@ -349,8 +400,9 @@ def _announce(console: Console, text: str, generated: bool, shown: RelayAddress 
 
 async def _send_through(address, password, selection, args, console: Console) -> int:
     machine = handshake.SenderHandshake(password, max_attempts=args.max_attempts)
+    console.status.show(f"Connecting to the relay at {address}...")
     try:
-        meeting = await meet(address, machine, notify=partial(_describe_handshake_event, console))
+        meeting = await meet(address, machine, notify=_notify(console, "receiver"))
     except (RelayError, HandshakeFailed) as error:
         raise Failure(str(error)) from None
     keys = meeting.paired.keys
@@ -364,17 +416,24 @@ async def _send_through(address, password, selection, args, console: Console) ->
         receive_cipher=keys.ciphers[1],
     )
 
+    console.status.show(f"Waiting for {partner} to greet us (verification {check})...")
+
     async def confirm() -> bool:
         summary = selection.offer.summary()
-        # Standard input carries the data, so it cannot carry an answer too.
-        if console.assume_yes or not console.interactive or args.paths == ["-"]:
+        # Only with --confirm: a sender who read the code aloud and walked away must not
+        # stall the transfer. Standard input carries the data, so it cannot carry an answer too.
+        if args.confirm and not console.assume_yes and console.interactive and args.paths != ["-"]:
+            if not await console.ask(f"Send {summary} to {partner}? Verification {check}."):
+                return False
+        else:
             console.info(f"Sending {summary} to {partner} (verification {check})")
-            return True
-        return await console.ask(f"Send {summary} to {partner}? Verification {check}.")
+        console.status.show(f"Waiting for the receiver to accept (verification {check})...")
+        return True
 
     def make_progress() -> Progress:
         total = selection.offer.total_bytes if selection.offer.sizes_known else None
-        return Progress(total, label="Sending", quiet=args.quiet)
+        console.status.hand_over(f"Sending {selection.offer.summary()}...")
+        return Progress(total, label="Sending", quiet=args.quiet, files=selection.offer.file_count)
 
     greeted_late = False
 
@@ -400,8 +459,8 @@ async def _send_through(address, password, selection, args, console: Console) ->
             selection,
             confirm=confirm,
             make_progress=make_progress,
-            to_bob=to_bob,
-            bob_wait=BOB_WAIT,
+            to_bob=None if args.no_bob else to_bob,
+            bob_wait=HELLO_TIMEOUT if args.no_bob else BOB_WAIT,
             public=meeting.paired.public.encode() if meeting.paired.public is not None else None,
             compress=args.compress,
             limit_rate=args.limit_rate,
@@ -435,6 +494,78 @@ async def _send_through(address, password, selection, args, console: Console) ->
 # --- recv -----------------------------------------------------------------------------------
 
 
+async def _ask_watching(console: StatusConsole, question: str, channel: Channel) -> bool:
+    """Ask, while watching the room: a sender that leaves (or stops) while the question is
+    open ends it at once instead of after the answer."""
+    answer: list[bool] = []
+    gone: list[TransferFailed] = []
+    async with trio.open_nursery() as nursery:
+
+        async def ask() -> None:
+            answer.append(await console.ask(question))
+            nursery.cancel_scope.cancel()
+
+        async def watch() -> None:
+            try:
+                record = await channel.receive()
+            except (ChannelClosed, ChannelBroken) as error:
+                gone.append(lost(error, "the sender", "while the offer was shown"))
+                nursery.cancel_scope.cancel()
+                return
+            try:
+                message = messages.decode_message(record)
+            except transfer.ProtocolError:
+                message = None
+            if isinstance(message, messages.Error):
+                gone.append(TransferFailed(f"the sender stopped: {transfer.printable(message.reason)}"))
+                nursery.cancel_scope.cancel()
+                return
+            channel.hold(record)  # not ours to judge: the session reads it after the answer
+
+        nursery.start_soon(ask)
+        nursery.start_soon(watch)
+    if gone:
+        print(file=sys.stderr, flush=True)  # off the unanswered prompt's line
+        raise gone[0]
+    return answer[0]
+
+
+def _recv_code(args, console: Console) -> str | None:
+    """The code to try, settled before anything reaches the relay: a code shaped like ours
+    with a word outside the list (``codes.review_code``) would spend one of the sender's
+    few attempts, so a terminal is asked about it and anything else refuses it.
+
+    Runs before trio, so that the ``Code:`` prompt's line editing owns the main thread.
+    """
+    text = args.code or os.environ.get(PASSWORD_ENV) or None
+    if _relay_from(args)[0] is None:
+        return text  # _recv says what is missing first
+    while True:
+        if not text:
+            if not console.interactive:
+                return None
+            try:
+                text = console.read_code_line(codes.completions)
+            except EOFError:
+                raise Failure("no code given") from None
+        suspect = None if args.as_typed else codes.review_code(text)
+        if suspect is None:
+            return text
+        if not console.interactive:
+            fix = f"; did you mean {suspect.correction}?" if suspect.correction else ""
+            raise Refused(
+                f"not trying {suspect.typed}: {suspect.describe()}{fix} (nothing was sent; "
+                "if the sender chose exactly this code, add --as-typed)"
+            )
+        console.warn(suspect.describe())
+        if suspect.correction is not None and console.ask_now(f"Did you mean {suspect.correction}?"):
+            return suspect.correction
+        if console.ask_now(f"Try {suspect.typed} as typed? A wrong code costs one of the sender's attempts",
+                           default=False):
+            return text
+        text = None
+
+
 async def _recv(args, console: Console) -> int:
     address, _ = _relay_from(args)
     if address is None:
@@ -450,7 +581,7 @@ async def _recv(args, console: Console) -> int:
             text = await console.read_code()
         except EOFError:
             raise Failure("no code given") from None
-    hint = codes.check_code(text)
+    hint = codes.check_code(text) if codes.review_code(text) is None else None  # else asked already
     if hint:
         console.warn(hint)
     password = codes.password_bytes(text)
@@ -482,19 +613,23 @@ async def _receive_into(address, password, destination, args, console: Console) 
 
     async def decide_agreement(agreed: handshake.Agreed) -> bool:
         if not _is_bob(agreed):
-            return True  # ours: the user decides once the offer has arrived
+            # Ours: the user decides once the offer has arrived, which a sender run with
+            # --confirm sends only once its user said yes.
+            check = transfer.verification_string(agreed.keys.sender_to_receiver)
+            console.status.show(f"Waiting for the sender to confirm (verification {check})...")
+            return True
         # bob's data carries no offer: like bob, ask before the room opens.
         who = _show(agreed.partner_identity)
+        console.status.end()
         if console.assume_yes:
             console.info(f"Accepting bob's sender at {who}")
             return True
         return await console.ask(f"Accept from {who} (a bob sender)?")
 
     machine = handshake.ReceiverHandshake(password, max_attempts=args.max_attempts)
+    console.status.show(f"Connecting to the relay at {address}...")
     try:
-        meeting = await meet(
-            address, machine, notify=partial(_describe_handshake_event, console), decide=decide_agreement
-        )
+        meeting = await meet(address, machine, notify=_notify(console, "sender"), decide=decide_agreement)
     except (RelayError, HandshakeFailed) as error:
         raise Failure(str(error)) from None
     keys = meeting.paired.keys
@@ -517,16 +652,18 @@ async def _receive_into(address, password, destination, args, console: Console) 
     )
 
     async def decide(offer: transfer.Offer) -> bool:
+        console.status.end()  # the wait is over: the offer and the question take its place
         console.info(f"{partner} offers {offer.summary()} (verification {check})")
         for line in offer.listing():
             console.info(line)
         if console.assume_yes:
             return True
-        return await console.ask("Accept?")
+        return await _ask_watching(console, "Accept?", channel)
 
     def make_progress(offer: transfer.Offer) -> Progress:
         total = offer.total_bytes if offer.sizes_known else None
-        return Progress(total, label="Receiving", quiet=args.quiet)
+        console.status.hand_over(f"Receiving {offer.summary()}...")
+        return Progress(total, label="Receiving", quiet=args.quiet, files=offer.file_count)
 
     text_received = False
 
@@ -558,6 +695,8 @@ async def _receive_into(address, password, destination, args, console: Console) 
             )
     except TransferFailed as error:
         await channel.abort()
+        if getattr(destination, "kept_partial", False):
+            raise Failure(f"{error}; the partial download is kept: run the same command again to resume it") from None
         raise Failure(str(error)) from None
     await channel.close()
     if done.file_count or not text_received:

@@ -18,6 +18,8 @@ import math
 import re
 import secrets
 
+import attrs
+
 SEPARATOR = "-"
 DEFAULT_WORDS = 3
 NAMEPLATES = range(100, 1000)
@@ -127,6 +129,58 @@ def check_code(text: str) -> str | None:
         else:
             notes.append(f"'{word}' is not in the word list (did you mean '{suggestion}'?)")
     return "; ".join(notes)
+
+
+@attrs.frozen
+class Suspect:
+    """A code shaped like the ones we generate, with words outside the list.
+
+    Trying it would most likely spend one of the sender's few attempts on a typo, so the
+    receiver asks first (or, without a terminal, refuses and names the correction).
+    """
+
+    typed: str
+    unknown: tuple[str, ...]
+    correction: str | None
+    """The code with each unknown word replaced by its closest list word; None when one of
+    them has no close word (then there is nothing sensible to offer)."""
+
+    def describe(self) -> str:
+        if self.correction is None:
+            return check_code(self.typed) or ""
+        words = " and ".join(f"'{word}'" for word in self.unknown)
+        return f"{words} {'is' if len(self.unknown) == 1 else 'are'} not in the word list"
+
+
+def review_code(text: str) -> Suspect | None:
+    """Whether ``text`` should be questioned before it is tried.
+
+    The rule, which lets a sender's own ``--password`` through: the text is questioned only
+    when it has the shape of a generated code, a nameplate (1 to 5 digits) then at least as
+    many words as our shortest code, all of them letters, at least one in the list, and
+    some not. Anything else (no nameplate, digits or punctuation inside, no list word at
+    all) is a password someone chose and is used as typed. A chosen password that happens
+    to have our shape can still be used: answer no to the correction, or ``--as-typed``.
+    """
+    parts = normalize_code(text).split(SEPARATOR)
+    if len(parts) < 2 or not _NAMEPLATE.fullmatch(parts[0]):
+        return None
+    nameplate, words = parts[0], parts[1:]
+    if len(words) < _min_code_words() or not all(_CODE_WORD.fullmatch(w) for w in words):
+        return None
+    known = _word_set()
+    unknown = tuple(w for w in words if w not in known)
+    if not unknown or len(unknown) == len(words):
+        return None
+    fixed = [w if w in known else closest_word(w) for w in words]
+    correction = None if None in fixed else SEPARATOR.join([nameplate, *fixed])
+    return Suspect(text.strip(), unknown, correction)
+
+
+def completions(prefix: str) -> list[str]:
+    """The list words starting with ``prefix`` (what Tab offers in the ``Code:`` prompt)."""
+    prefix = prefix.lower()
+    return [word for word in load_wordlist() if word.startswith(prefix)]
 
 
 def closest_word(word: str) -> str | None:

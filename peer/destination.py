@@ -29,6 +29,17 @@ from typing import Iterator
 import blake3
 
 from peer.journal import JOURNAL_SUFFIX, MAGIC as JOURNAL_MAGIC, Journal, journal_key
+from peer.offer import (
+    MAX_COMPONENT_BYTES,
+    Offer,
+    OfferEntry,
+    format_size,
+    name_problem,
+    os_reason,
+    same_name_key,
+    shown,
+    windows_problem,
+)
 from peer.partfile import (
     PART_SUFFIX,
     DestinationError,
@@ -39,18 +50,7 @@ from peer.partfile import (
     link_or_rename,
     part_name,
 )
-from peer.transfer import (
-    MAX_COMPONENT_BYTES,
-    RESUME_CHUNK,
-    Offer,
-    OfferEntry,
-    format_size,
-    name_problem,
-    os_reason,
-    same_name_key,
-    shown,
-    windows_problem,
-)
+from peer.transfer import RESUME_CHUNK
 
 __all__ = [
     "Destination",
@@ -719,6 +719,7 @@ class Destination:
                 kept = True
             else:
                 part.discard()
+        self.kept_partial = kept  # read by the command line, to say that running it again resumes
         # The journals of complete files matter only if a later attempt has more to do.
         unfinished = kept or bool(set(self._planned) - self._committed - {e.path for e in self._directories})
         for journal in self._finished_journals:

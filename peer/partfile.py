@@ -17,7 +17,7 @@ from pathlib import Path
 import blake3
 
 from peer.journal import Journal
-from peer.transfer import OfferEntry, os_reason
+from peer.offer import OfferEntry, os_reason
 
 __all__ = [
     "DestinationError",

@@ -9,8 +9,8 @@ import trio
 from . import compression, transfer
 from .channel import Channel, ChannelBroken, ChannelClosed, lost
 from .destination import Destination, DestinationError
+from .errors import TransferFailed
 from .progress import Progress
-from .transfer import TransferFailed
 
 Decide = Callable[[transfer.Offer], Awaitable[bool]]
 MakeProgress = Callable[[transfer.Offer], Progress]
@@ -137,7 +137,7 @@ async def _write_files(channel, session, destination, progress) -> transfer.Tran
             part = destination.open_part(event.entry)
             if progress is not None:
                 progress.note(event.entry.path)
-                progress.advance(event.offset)
+                progress.resume_at(event.offset, event.entry.size)
         elif isinstance(event, transfer.ChunkChecked):
             destination.check(part, event.digest)
         elif isinstance(event, transfer.FileFinished):

@@ -8,10 +8,10 @@ from typing import Awaitable, Callable
 import trio
 
 from . import compression, transfer
-from .channel import Channel, ChannelBroken, ChannelClosed
+from .channel import Channel, ChannelBroken, ChannelClosed, lost
+from .errors import TransferFailed
 from .progress import Progress
 from .source import Selection, SourceError
-from .transfer import TransferFailed
 
 BOB_WAIT = 5.0
 """Seconds a sender that can also speak bob's format waits for our receiver's HELLO before
@@ -80,8 +80,8 @@ async def send_selection(
     except transfer.ProtocolError as error:
         await _tell(channel, session, str(error))
         raise TransferFailed(f"the receiver broke the protocol: {error}") from None
-    except ChannelClosed:
-        raise TransferFailed("the receiver went away before confirming the transfer") from None
+    except ChannelClosed as error:
+        raise lost(error, "the receiver", "before confirming the transfer") from None
     except ChannelBroken as error:
         raise TransferFailed(str(error)) from None
 
@@ -205,7 +205,7 @@ async def _stream_files(channel, session, selection, progress, choice=None, pace
         with selection.open(entry, start=start, chunk=chunk) as reader:
             await channel.send(session.begin_file(entry))
             if progress is not None and start:
-                progress.advance(start)
+                progress.resume_at(start, entry.size)
             if choice is not None or entry.size is None:
                 await _send_blocks(channel, session, reader, choice, progress, pacer, stream=entry.size is None)
             else:

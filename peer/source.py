@@ -17,7 +17,7 @@ from typing import Iterable, Mapping
 import attrs
 import blake3
 
-from peer.transfer import DIRECTORY, FILE, MAX_OFFER_BYTES, Offer, OfferEntry, format_size, name_problem, os_reason
+from peer.offer import DIRECTORY, FILE, MAX_OFFER_BYTES, Offer, OfferEntry, format_size, name_problem, os_reason
 
 __all__ = ["FileReader", "Selection", "SourceError", "StreamReader", "scan", "stdin_selection", "text_selection"]
 

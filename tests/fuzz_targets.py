@@ -15,7 +15,7 @@ The properties, per decoder:
 - ``peer.records.Opener``: only RecordError; never a plaintext that was not sealed, in
   sealing order (a prefix of what was sent); any split gives the same records; an
   unmodified stream gives every record back.
-- ``peer.transfer.decode_message``: only ProtocolError; a decoded message re-encodes to the
+- ``peer.messages.decode_message``: only ProtocolError; a decoded message re-encodes to the
   same bytes wherever the codec is canonical.
 - ``peer.transfer.ReceiverSession`` (driven like receiving.py drives it): only ProtocolError;
   files start in offer order, once each; a file never gets more bytes than offered and ends
@@ -49,7 +49,9 @@ from typing import Iterable, Sequence
 import attrs
 import blake3
 
-from peer import pack, transfer
+from peer import messages, pack, transfer
+from peer.errors import ProtocolError
+from peer.offer import DIRECTORY, FILE, Offer, OfferEntry, name_problem, printable
 from peer.records import CLOSE, CLOSED, MAX_RECORD_SIZE, Opener, RecordError, Sealer
 from relay import frames, wire
 
@@ -277,12 +279,12 @@ def records_seeds() -> list[bytes]:
     ]
 
 
-# --- peer.transfer.decode_message --------------------------------------------------------
+# --- peer.messages.decode_message --------------------------------------------------------
 
 _CANONICAL = tuple(
-    getattr(transfer, name) for name in (
+    getattr(messages, name) for name in (
         "Hello", "OfferPart", "FileStart", "Data", "FileEnd", "Done", "Ack", "CompressedData", "Check")
-    if hasattr(transfer, name)
+    if hasattr(messages, name)
 )
 """Types whose decoding is one-to-one: re-encoding gives the input back. (So is an accepting
 Answer; reasons are not: they are made printable, which is the point.)"""
@@ -290,19 +292,19 @@ Answer; reasons are not: they are made printable, which is the point.)"""
 
 def check_decode(plaintext: bytes) -> None:
     try:
-        message = transfer.decode_message(plaintext)
-    except transfer.ProtocolError as error:
+        message = messages.decode_message(plaintext)
+    except ProtocolError as error:
         assert "\n" not in str(error), "a protocol error message spans lines"
         return
     if isinstance(message, _CANONICAL):
         assert message.encode() == plaintext, (message, plaintext)
-    elif isinstance(message, transfer.Answer) and message.accepted:
+    elif isinstance(message, messages.Answer) and message.accepted:
         assert message.encode() == plaintext, (message, plaintext)
-    elif isinstance(message, (transfer.Answer, transfer.Error)):
+    elif isinstance(message, (messages.Answer, messages.Error)):
         # A decline's or an error's reason: shown to the user, so printable and short. (Not
         # re-encodable byte for byte: invalid UTF-8 becomes U+FFFD, which takes 3 bytes.)
-        assert transfer.printable(message.reason) == message.reason
-        assert len(message.reason) <= transfer.MAX_REASON_BYTES
+        assert printable(message.reason) == message.reason
+        assert len(message.reason) <= messages.MAX_REASON_BYTES
 
 
 def message_input(data: bytes) -> None:
@@ -315,10 +317,11 @@ def message_seeds() -> list[bytes]:
 
 def _sample_messages() -> list:
     return [
-        transfer.Hello(1, ("resume",)), transfer.OfferPart(False, b"{}"),
-        transfer.Answer(True), transfer.Answer(False, "no"), transfer.Answer(True, "", [(1, 5)]),
-        transfer.FileStart(1, 0), transfer.Data(b"abc"), transfer.FileEnd(bytes(32)),
-        transfer.Done(), transfer.Ack(1, 3), transfer.Error("disk full"),
+        messages.Hello(1, ("resume",)), messages.Hello(1, ("resume", "pack-ack"), bytes(range(14))),
+        messages.OfferPart(False, b"{}"),
+        messages.Answer(True), messages.Answer(False, "no"), messages.Answer(True, "", [(1, 5)]),
+        messages.FileStart(1, 0), messages.Data(b"abc"), messages.FileEnd(bytes(32)),
+        messages.Done(), messages.Ack(1, 3), messages.Error("disk full"),
     ]
 
 
@@ -326,39 +329,39 @@ def _sample_messages() -> list:
 
 
 def valid_transfer(files: Sequence[tuple[str, bytes]], *, directories: Sequence[str] = (),
-                   offer_piece: int = MAX_RECORD_SIZE - 2, data_piece: int = transfer.MAX_DATA_SIZE,
+                   offer_piece: int = MAX_RECORD_SIZE - 2, data_piece: int = messages.MAX_DATA_SIZE,
                    compress: bool = False) -> list[bytes]:
     """The sender's records of a whole honest transfer (after the receiver's hello).
 
     With ``compress`` (needs zstd), files go as zstd frames where that pays, as DATA where not,
     the way our sender does.
     """
-    entries = [transfer.OfferEntry(transfer.DIRECTORY, d) for d in directories]
-    entries += [transfer.OfferEntry(transfer.FILE, name, len(content)) for name, content in files]
-    offer = transfer.Offer(entries)
+    entries = [OfferEntry(DIRECTORY, d) for d in directories]
+    entries += [OfferEntry(FILE, name, len(content)) for name, content in files]
+    offer = Offer(entries)
     compress = compress and CAN_COMPRESS
     document = offer.to_json(features=[ZSTD] if compress else [])
     pieces = [document[i : i + offer_piece] for i in range(0, len(document), offer_piece)]
-    records = [transfer.OfferPart(i < len(pieces) - 1, p).encode() for i, p in enumerate(pieces)]
+    records = [messages.OfferPart(i < len(pieces) - 1, p).encode() for i, p in enumerate(pieces)]
     for index, entry in enumerate(offer.entries):
         if not entry.is_file:
             continue
         content = dict(files)[entry.path]
-        records.append(transfer.FileStart(index).encode())
+        records.append(messages.FileStart(index).encode())
         step = compression.FRAME_CONTENT if compress else data_piece
         for start in range(0, len(content), step):
             block = content[start : start + step]
             frame = compression.compress_block(block) if compress else None
             if frame is None:
-                records += [transfer.Data(block[i : i + data_piece]).encode()
+                records += [messages.Data(block[i : i + data_piece]).encode()
                             for i in range(0, len(block), data_piece)]
             else:
                 cut = MAX_RECORD_SIZE - 2
                 last = (len(frame) - 1) // cut
-                records += [transfer.CompressedData(i < last, frame[i * cut : (i + 1) * cut]).encode()
+                records += [messages.CompressedData(i < last, frame[i * cut : (i + 1) * cut]).encode()
                             for i in range(last + 1)]
-        records.append(transfer.FileEnd(blake3.blake3(content).digest()).encode())
-    records.append(transfer.Done().encode())
+        records.append(messages.FileEnd(blake3.blake3(content).digest()).encode())
+    records.append(messages.Done().encode())
     return records
 
 
@@ -374,19 +377,19 @@ def check_receiver(records: Sequence[bytes], *, decline: bool = False,
     session = transfer.ReceiverSession(features=features)
     session.hello()
     events: list[object] = []
-    offer: transfer.Offer | None = None
-    order: list[transfer.OfferEntry] = []
-    current: transfer.OfferEntry | None = None
+    offer: Offer | None = None
+    order: list[OfferEntry] = []
+    current: OfferEntry | None = None
     received = 0
-    finished: list[transfer.OfferEntry] = []
+    finished: list[OfferEntry] = []
     for record in records:
         try:
             event = session.receive(record)
-        except transfer.ProtocolError as error:
+        except ProtocolError as error:
             assert "\n" not in str(error)
             try:
                 session.receive(records[0] if records else b"\x07")
-            except transfer.ProtocolError:
+            except ProtocolError:
                 pass
             else:
                 raise AssertionError("a failed receiver session accepted another record")
@@ -402,7 +405,7 @@ def check_receiver(records: Sequence[bytes], *, decline: bool = False,
             assert offer is None, "two offers"
             offer = event.offer
             for entry in offer.entries:
-                assert transfer.name_problem(entry.path) is None, entry.path
+                assert name_problem(entry.path) is None, entry.path
             order = [e for e in offer.entries if e.is_file]
             if decline:
                 session.decline("no thanks")
@@ -425,7 +428,7 @@ def check_receiver(records: Sequence[bytes], *, decline: bool = False,
         elif isinstance(event, transfer.FileFinished):
             assert current is not None and event.entry == current
             assert current.size is None or received == current.size, "a file ended short"
-            assert len(event.digest) == transfer.DIGEST_SIZE
+            assert len(event.digest) == messages.DIGEST_SIZE
             finished.append(current)
             current = None
         elif isinstance(event, transfer.TransferDone):
@@ -435,8 +438,8 @@ def check_receiver(records: Sequence[bytes], *, decline: bool = False,
             session.acknowledge()
             assert session.finished
         elif isinstance(event, transfer.PeerError):
-            assert transfer.printable(event.reason) == event.reason
-            assert len(event.reason) <= transfer.MAX_REASON_BYTES
+            assert printable(event.reason) == event.reason
+            assert len(event.reason) <= messages.MAX_REASON_BYTES
             assert session.finished
             return events
         else:
@@ -465,7 +468,7 @@ def receiver_seeds() -> list[bytes]:
                             directories=["d"], data_piece=1000)
     small = valid_transfer([("x", b"12345")], offer_piece=17)
     seeds = [b"\x00" + records_to(honest), b"\x00" + records_to(small),
-             b"\x00" + records_to(small[:2] + [transfer.Error("stop").encode()])]
+             b"\x00" + records_to(small[:2] + [messages.Error("stop").encode()])]
     if CAN_COMPRESS:
         packed = valid_transfer([("t.txt", b"compressible " * 5000), ("r", bytes(range(256)) * 9)],
                                 compress=True)
@@ -477,9 +480,9 @@ def mutate_records(records: list[bytes], rng: random.Random, count: int = 1) -> 
     """Structure-aware mutations of a record list: drop, repeat, swap, cut, flip, forge."""
     records = list(records)
     forged = [m.encode() for m in _sample_messages()] + [
-        transfer.FileStart(0).encode(), transfer.FileStart(2**32 - 1).encode(),
-        transfer.Data(b"\x00" * 100).encode(), transfer.Ack(0, 0).encode(),
-        transfer.OfferPart(False, json.dumps({"version": 1, "entries": []}).encode()).encode(),
+        messages.FileStart(0).encode(), messages.FileStart(2**32 - 1).encode(),
+        messages.Data(b"\x00" * 100).encode(), messages.Ack(0, 0).encode(),
+        messages.OfferPart(False, json.dumps({"version": 1, "entries": []}).encode()).encode(),
     ]
     for _ in range(count):
         if not records:
@@ -644,7 +647,7 @@ def _read_pack(pieces: Sequence[bytes], decline: bool, limits) -> tuple[list, st
                     assert reader.spooled - raw <= reader.unpacked_size
                     promised = shown.pop(0)
                     assert (promised.path, promised.kind) == (event.path, event.kind)
-                    if event.kind == transfer.FILE:
+                    if event.kind == FILE:
                         assert promised.size in (None, event.size)
                         assert sum(len(piece) for piece in reader.iter_blob(event.id)) == event.size
                     events.append(("entry", event.path, event.size))

@@ -1,12 +1,16 @@
 import importlib.resources
 import math
 import re
+import socket
+import subprocess
+import sys
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from peer import codes
+from processes import child_env
 
 CODE_SHAPE = re.compile(r"[1-9][0-9]{2}(-[a-z]+)+")
 
@@ -174,3 +178,121 @@ def test_password_bytes(typed, password):
 def test_typo_hint_ignores_the_nameplate():
     assert "lemon" in codes.check_code("417-cobalt-lemno-unicycle")
     assert codes.check_code("417-cobalt-lemon-unicycle") is None
+
+
+# --- codes questioned before they are tried (issue 15, item 3) ---------------------------
+
+
+def test_review_offers_the_whole_corrected_code():
+    suspect = codes.review_code("263-dizzy-finite-disparitx")
+    assert suspect.unknown == ("disparitx",)
+    assert suspect.correction == "263-dizzy-finite-disparity"
+    assert suspect.describe() == "'disparitx' is not in the word list"
+
+
+def test_review_normalises_what_was_typed():
+    suspect = codes.review_code("  263 Dizzy fnite-disparity ")
+    assert suspect.correction == "263-dizzy-finite-disparity"
+    assert suspect.typed == "263 Dizzy fnite-disparity"
+
+
+def test_review_without_a_close_word_has_no_correction():
+    suspect = codes.review_code("263-dizzy-finite-qqqqqqqqqq")
+    assert suspect.correction is None
+    assert suspect.describe() == "'qqqqqqqqqq' is not in the word list"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "263-dizzy-finite-disparity",  # all known
+        "dizzy-finite-disparitx",  # no nameplate: not one of ours, a chosen password
+        "263-dizzy-disparitx",  # fewer words than any code we generate
+        "263-qqq-www-eee",  # no list word at all
+        "263-dizzy-finite-disp4rity",  # not letters only
+        "wei-widwagamboostu",  # bob's
+        "263",
+        "",
+        "correct horse battery staple",
+    ],
+)
+def test_review_lets_other_passwords_through(text):
+    assert codes.review_code(text) is None
+
+
+def test_completions_are_list_words_with_the_prefix():
+    assert codes.completions("dizz") == ["dizziness", "dizzy"]
+    assert codes.completions("DIZZY") == ["dizzy"]
+    assert codes.completions("qqq") == []
+    assert len(codes.completions("")) == len(codes.load_wordlist())
+
+
+def _peer(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "peer", *args],
+        stdin=subprocess.DEVNULL, capture_output=True, text=True, env=child_env(), timeout=timeout,
+    )
+
+
+@pytest.fixture
+def listener():
+    """A loopback port that would see any connection a peer made to its "relay"."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(8)
+        server.setblocking(False)
+        yield server
+
+
+def _nobody_came(server: socket.socket) -> bool:
+    try:
+        connection, _ = server.accept()
+    except BlockingIOError:
+        return True
+    connection.close()
+    return False
+
+
+def test_a_typo_without_a_terminal_is_refused_before_the_relay(listener):
+    port = listener.getsockname()[1]
+    result = _peer("recv", "--relay", f"127.0.0.1:{port}", "263-dizzy-finite-disparitx")
+    assert result.returncode == 2, result.stderr
+    assert "did you mean 263-dizzy-finite-disparity?" in result.stderr
+    assert "--as-typed" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert _nobody_came(listener)
+
+
+def test_a_typo_in_the_environment_is_refused_too(listener):
+    port = listener.getsockname()[1]
+    result = subprocess.run(
+        [sys.executable, "-m", "peer", "recv", "--relay", f"127.0.0.1:{port}"],
+        stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60,
+        env=child_env(PEER_PASSWORD="263-dizzy-fnite-disparity"),
+    )
+    assert result.returncode == 2, result.stderr
+    assert "263-dizzy-finite-disparity" in result.stderr
+    assert _nobody_came(listener)
+
+
+def test_as_typed_tries_the_code(relay_process, tmp_path):
+    """A sender's own password shaped like our codes goes through with --as-typed."""
+    code = "263-dizzy-finite-disparitx"
+    (tmp_path / "hello.txt").write_text("hello\n")
+    out = tmp_path / "out"
+    sender = subprocess.Popen(
+        [sys.executable, "-m", "peer", "send", *relay_process.peer_args(), "--code", code, "hello.txt"],
+        cwd=tmp_path, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        text=True, env=child_env(),
+    )
+    try:
+        received = _peer("recv", *relay_process.peer_args(), "-y", "--as-typed", "-o", str(out), code)
+        assert received.returncode == 0, received.stderr
+        assert (out / "hello.txt").read_text() == "hello\n"
+        assert sender.wait(60) == 0
+        assert "looks like a generated code" in sender.stderr.read()
+    finally:
+        if sender.poll() is None:
+            sender.kill()
+            sender.wait(10)
+        sender.stderr.close()

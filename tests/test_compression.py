@@ -13,18 +13,10 @@ import zstandard
 
 from peer import compression
 from peer.compression import CompressionChoice, CompressionError, inflate_frame
-from peer.transfer import (
-    FILE,
-    CompressedData,
-    FileEnd,
-    FileFinished,
-    Offer,
-    OfferEntry,
-    ProtocolError,
-    ReceiverSession,
-    SenderSession,
-    decode_message,
-)
+from peer.errors import ProtocolError
+from peer.messages import CompressedData, FileEnd, decode_message
+from peer.offer import FILE, Offer, OfferEntry
+from peer.transfer import FileFinished, ReceiverSession, SenderSession
 
 from processes import finish, peer
 

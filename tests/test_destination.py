@@ -14,8 +14,9 @@ import pytest
 
 from peer import destination as destination_module
 from peer.destination import Destination, DestinationError, IntegrityError
+from peer.errors import ProtocolError
+from peer.offer import DIRECTORY, FILE, Offer, OfferEntry
 from peer.partfile import PART_SUFFIX
-from peer.transfer import DIRECTORY, FILE, Offer, OfferEntry, ProtocolError
 
 HOSTILE = ["../x", "/etc/passwd", "a/../../b", "..", "C:\\x", "a\\..\\b", "a\0b", "c:x", "./a", "a/./b", "", "a//b"]
 

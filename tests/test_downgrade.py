@@ -17,6 +17,7 @@ from typing import Awaitable, Callable
 
 import pytest
 import trio
+import trio.testing
 
 from peer import cli, sending, spoke
 from relay import wire
@@ -262,3 +263,25 @@ def test_only_bob_parameters_make_a_bob_sender():
     assert not cli._is_bob(_agreed(spoke.DEFAULT_ITERATIONS, spoke.CIPHER_CHACHA20_POLY1305))
     assert not cli._is_bob(_agreed(spoke.DEFAULT_ITERATIONS, 0))
     assert not cli._is_bob(_agreed(16, 0))
+
+
+async def test_no_bob_turns_a_silent_receiver_into_a_failure():
+    # `peer send --no-bob` gives send_selection no bob fallback: the withheld HELLO that
+    # the tests above turn into "bob cannot confirm" is then a plain failure.
+    from peer.channel import Channel
+    from peer.source import text_selection
+    from peer.errors import TransferFailed
+
+    assert cli.build_parser().parse_args(["send", "--no-bob", "x"]).no_bob
+    ours, silent = trio.testing.memory_stream_pair()
+    channel = Channel(ours, send_key=os.urandom(64), receive_key=os.urandom(64))
+    fell_back = []
+
+    async def to_bob(session):
+        fell_back.append(session)
+
+    with trio.fail_after(20):
+        with pytest.raises(TransferFailed, match="did not greet us"):
+            await sending.send_selection(channel, text_selection("hi"), to_bob=None, bob_wait=0.2)
+        assert fell_back == []
+    await silent.aclose()

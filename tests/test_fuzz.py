@@ -21,6 +21,8 @@ from hypothesis import strategies as st
 import fuzz_targets as targets
 from packet_strategies import packets, uids
 from peer import transfer
+from peer.messages import Data
+from peer.offer import name_problem
 from peer.records import MAX_RECORD_SIZE
 from relay import wire
 
@@ -139,7 +141,7 @@ def test_opener_on_a_largest_record_split_everywhere():
     targets.check_opener(stream, list(range(0, len(stream), 997)), [message, b"end"], intact=True)
 
 
-# --- peer.transfer.decode_message ----------------------------------------------------------
+# --- peer.messages.decode_message ----------------------------------------------------------
 
 plaintexts = st.one_of(
     st.binary(min_size=0, max_size=80),
@@ -157,12 +159,12 @@ def test_decode_message_raises_only_protocol_error(plaintext):
 
 def test_decode_message_at_the_size_limits():
     for size in (0, 1, MAX_RECORD_SIZE, MAX_RECORD_SIZE + 1):
-        targets.check_decode(bytes([transfer.Data.TYPE]) + bytes(max(size - 1, 0)))
+        targets.check_decode(bytes([Data.TYPE]) + bytes(max(size - 1, 0)))
 
 
 # --- peer.transfer.ReceiverSession ---------------------------------------------------------
 
-names = st.text("abcé0._-", min_size=1, max_size=6).filter(lambda n: transfer.name_problem(n) is None)
+names = st.text("abcé0._-", min_size=1, max_size=6).filter(lambda n: name_problem(n) is None)
 contents = st.one_of(st.binary(max_size=300), st.integers(0, 3).map(lambda k: bytes(k * 20_000 + 7)))
 file_sets = st.dictionaries(names, contents, min_size=1, max_size=4)
 

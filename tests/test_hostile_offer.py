@@ -23,9 +23,11 @@ import trio
 
 from peer.console import Console
 from peer.destination import Destination, DestinationError
+from peer.errors import ProtocolError
 from peer.journal import Journal, journal_key
+from peer.offer import DIRECTORY, FILE, MAX_OFFER_ENTRIES, Offer, OfferEntry
 from peer.partfile import PART_SUFFIX
-from peer.transfer import DIRECTORY, FILE, MAX_OFFER_ENTRIES, RESUME_CHUNK, Offer, OfferEntry, ProtocolError
+from peer.transfer import RESUME_CHUNK
 
 from processes import finish, peer
 

@@ -20,7 +20,7 @@ import trio
 from peer import bob, pack
 from peer.channel import ChannelClosed
 from peer.destination import Destination, StreamDestination
-from peer.transfer import TransferFailed
+from peer.errors import TransferFailed
 
 COMMIT, TREE, BLOB, TAG, OFS_DELTA = 1, 2, 3, 4, 6
 RECORD = 32 * 1024

@@ -13,8 +13,8 @@ import blake3
 import pytest
 
 from peer.destination import DestinationError, IntegrityError, StreamDestination
+from peer.offer import DIRECTORY, FILE, Offer, OfferEntry
 from peer.source import stdin_selection
-from peer.transfer import DIRECTORY, FILE, Offer, OfferEntry
 
 from processes import finish, peer
 

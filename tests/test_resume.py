@@ -14,24 +14,12 @@ import pytest
 from peer import destination as destination_module
 from peer import transfer
 from peer.destination import Destination, IntegrityError
+from peer.errors import ProtocolError
 from peer.journal import Journal, journal_key
+from peer.messages import MAX_DATA_SIZE, Answer, Check, Data, FileStart, Hello
+from peer.offer import FILE, Offer, OfferEntry
 from peer.source import scan
-from peer.transfer import (
-    FILE,
-    Answer,
-    Check,
-    ChunkChecked,
-    Data,
-    FileFinished,
-    FileStart,
-    FileStarted,
-    Hello,
-    Offer,
-    OfferEntry,
-    ProtocolError,
-    ReceiverSession,
-    SenderSession,
-)
+from peer.transfer import ChunkChecked, FileFinished, FileStarted, ReceiverSession, SenderSession
 
 from processes import finish, peer
 
@@ -100,7 +88,7 @@ def test_resume_rules_are_enforced_on_both_sides(small_chunks):
     receiver.receive(FileStart(0, 0).encode())
     with pytest.raises(ProtocolError, match="ran past a check point"):
         for _ in range(3):
-            receiver.receive(Data(bytes(transfer.MAX_DATA_SIZE)).encode())
+            receiver.receive(Data(bytes(MAX_DATA_SIZE)).encode())
     sender, receiver = negotiated(offer)
     receiver.receive(FileStart(0, 0).encode())
     for size in (32766, 32766, chunk - 2 * 32766):
@@ -296,6 +284,9 @@ def test_a_transfer_killed_on_either_side_resumes_where_it_stopped(relay_process
     assert (s, r) == (0, 0), s_err + r_err
     assert (out / "big.bin").read_bytes() == data
     assert os.listdir(out) == ["big.bin"]  # part and journal are gone
+    # Both sides say where the file resumes (a line of its own off a terminal).
+    resumed = f"Resuming big.bin at {16 * done:.1f} MiB of 64.0 MiB"
+    assert resumed in r_err.splitlines() and resumed in s_err.splitlines(), r_err + s_err
     # Only what was missing crossed the wire (plus record overhead), so nothing done was sent.
     wire = float(s_err.split(", ")[1].split(" ")[0])
     assert wire <= 64 - 16 * done + 1, s_err

@@ -10,8 +10,9 @@ import blake3
 import pytest
 
 from peer import source as source_module
+from peer.messages import MAX_DATA_SIZE
+from peer.offer import DIRECTORY, FILE, OfferEntry
 from peer.source import SourceError, scan
-from peer.transfer import DIRECTORY, FILE, MAX_DATA_SIZE, OfferEntry
 
 
 def read_all(selection, entry) -> tuple[bytes, bytes]:

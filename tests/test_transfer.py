@@ -12,44 +12,50 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fuzz_targets import check_decode
-from peer import transfer as _transfer
 from peer.destination import Destination, IntegrityError
-from peer.records import MAX_RECORD_SIZE, Opener, Sealer
-from peer.source import scan
-from peer.transfer import (
-    DIRECTORY,
-    FILE,
-    BIG_RECORDS,
+from peer.errors import HandshakeAltered, ProtocolError
+from peer.messages import (
+    MAGIC,
     MAX_BIG_DATA_SIZE,
     MAX_DATA_SIZE,
-    Accepted,
     Ack,
     Answer,
-    Completed,
     Data,
-    Declined,
     Done,
     Error,
-    FileData,
     FileEnd,
-    FileFinished,
     FileStart,
-    FileStarted,
     Hello,
-    HelloReceived,
+    OfferPart,
+    decode_message,
+    public_digest,
+)
+from peer.offer import (
+    BIG_RECORDS,
+    DIRECTORY,
+    FILE,
+    PACK_ACK,
     Offer,
     OfferEntry,
-    OfferPart,
-    OfferReceived,
-    PeerError,
-    ProtocolError,
-    ReceiverSession,
-    SenderSession,
-    TransferDone,
-    decode_message,
     format_size,
     name_problem,
     verification_string,
+)
+from peer.records import MAX_RECORD_SIZE, Opener, Sealer
+from peer.source import scan
+from peer.transfer import (
+    Accepted,
+    Completed,
+    Declined,
+    FileData,
+    FileFinished,
+    FileStarted,
+    HelloReceived,
+    OfferReceived,
+    PeerError,
+    ReceiverSession,
+    SenderSession,
+    TransferDone,
 )
 
 DIGEST = bytes(range(32))
@@ -823,14 +829,14 @@ REWRITTEN = PUBLIC[:14] + b"\x00\x02" + PUBLIC[16:]
 
 
 def test_hello_carries_the_public_digest_as_its_last_capability_item():
-    hello = Hello(1, ("resume", "zstd"), _transfer.public_digest(PUBLIC))
+    hello = Hello(1, ("resume", "zstd"), public_digest(PUBLIC))
     encoded = hello.encode()
     assert decode_message(encoded) == hello
     check_decode(encoded)  # one-to-one: re-encoding gives the same bytes
     # An older sender reads it as capabilities it does not know (and skips), nothing more.
-    count = encoded[1 + len(_transfer.MAGIC) + 2]
+    count = encoded[1 + len(MAGIC) + 2]
     assert count == 3
-    assert encoded.endswith(b"pub-" + _transfer.public_digest(PUBLIC).hex().encode())
+    assert encoded.endswith(b"pub-" + public_digest(PUBLIC).hex().encode())
 
 
 def test_a_hello_without_digest_is_an_older_receivers():
@@ -842,7 +848,7 @@ def test_a_hello_without_digest_is_an_older_receivers():
     ["pub-00"], ["pub-" + "g" * 28], ["pub-" + "0" * 28, "resume"], ["pub-" + "0" * 28, "pub-" + "1" * 28],
 ])
 def test_malformed_digests_of_the_public_are_refused(names):
-    head = bytes([Hello.TYPE]) + _transfer.MAGIC + (1).to_bytes(2, "big") + bytes([len(names)])
+    head = bytes([Hello.TYPE]) + MAGIC + (1).to_bytes(2, "big") + bytes([len(names)])
     body = b"".join(bytes([len(n)]) + n.encode() for n in names)
     with pytest.raises(ProtocolError):
         decode_message(head + body)
@@ -850,13 +856,13 @@ def test_malformed_digests_of_the_public_are_refused(names):
 
 def test_the_receiver_digests_the_public_it_was_announced():
     hello = decode_message(ReceiverSession(sender_public=PUBLIC).hello())
-    assert hello.public_digest == _transfer.public_digest(PUBLIC)
+    assert hello.public_digest == public_digest(PUBLIC)
     assert decode_message(ReceiverSession().hello()).public_digest is None
 
 
 def test_a_rewritten_public_stops_the_sender():
     sender = SenderSession(Offer([OfferEntry(FILE, "a", 1)]), public=PUBLIC)
-    with pytest.raises(_transfer.HandshakeAltered, match="the relay altered the handshake"):
+    with pytest.raises(HandshakeAltered, match="the relay altered the handshake"):
         sender.receive(ReceiverSession(sender_public=REWRITTEN).hello())
     assert sender.finished and not sender.succeeded
 
@@ -876,7 +882,7 @@ def _pack_sender():
 def test_after_a_pack_a_late_hello_then_its_ack_confirm():
     sender = _pack_sender()
     assert not sender.pack_needs_ack  # silence so far: maybe bob
-    receiver = ReceiverSession(features={_transfer.PACK_ACK}, sender_public=PUBLIC)
+    receiver = ReceiverSession(features={PACK_ACK}, sender_public=PUBLIC)
     assert isinstance(sender.receive(receiver.hello()), HelloReceived)
     assert sender.pack_needs_ack  # ours, and it promised an ACK: a close is not enough
     assert sender.receive(receiver.acknowledge_pack(1, 3)) == Completed(1, 3)
@@ -885,7 +891,7 @@ def test_after_a_pack_a_late_hello_then_its_ack_confirm():
 
 def test_after_a_pack_an_ack_of_other_counts_fails():
     sender = _pack_sender()
-    receiver = ReceiverSession(features={_transfer.PACK_ACK})
+    receiver = ReceiverSession(features={PACK_ACK})
     sender.receive(receiver.hello())
     with pytest.raises(ProtocolError, match="confirmed 1 files and 2 bytes"):
         sender.receive(receiver.acknowledge_pack(1, 2))
@@ -904,13 +910,13 @@ def test_after_a_pack_only_a_hello_or_an_error_may_come_first():
         _pack_sender().receive(Ack(1, 3).encode())
     assert _pack_sender().receive(Error("declined").encode()) == PeerError("declined")
     sender = _pack_sender()
-    with pytest.raises(_transfer.HandshakeAltered):
-        sender.receive(ReceiverSession(features={_transfer.PACK_ACK}, sender_public=REWRITTEN).hello())
+    with pytest.raises(HandshakeAltered):
+        sender.receive(ReceiverSession(features={PACK_ACK}, sender_public=REWRITTEN).hello())
 
 
 def test_a_receiver_acknowledges_a_pack_only_after_its_hello_and_with_pack_ack():
     with pytest.raises(RuntimeError):
-        ReceiverSession(features={_transfer.PACK_ACK}).acknowledge_pack(1, 1)  # no hello yet
+        ReceiverSession(features={PACK_ACK}).acknowledge_pack(1, 1)  # no hello yet
     receiver = ReceiverSession()
     receiver.hello()
     with pytest.raises(RuntimeError):

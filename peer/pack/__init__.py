@@ -1,7 +1,7 @@
 """bob's payload: a Git PACK v2 stream inside the records (docs/protocol.md §8), sans I/O.
 
 When the other peer is bob, the records carry a Git pack instead of our own messages
-(peer/transfer.py). Nothing here touches a socket; the only disk access is the reader's
+(peer/messages.py). Nothing here touches a socket; the only disk access is the reader's
 private spools (directories) and the encoders reading the files they send. bob uses a
 pack two ways:
 
@@ -10,7 +10,7 @@ pack two ways:
   ``<dir name>\\0<20-byte top tree id><count in decimal>``.
 
 Names in a received pack come from the other peer: each one goes through
-`peer.transfer.name_problem`, the project's one rule book for names.
+`peer.offer.name_problem`, the project's one rule book for names.
 
 | module | what it holds |
 |---|---|

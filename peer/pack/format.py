@@ -14,7 +14,7 @@ from typing import Iterator, Union
 
 import attrs
 
-from peer.transfer import DIRECTORY, FILE, MAX_ENTRIES, OfferEntry, name_problem, shown
+from peer.offer import DIRECTORY, FILE, MAX_ENTRIES, OfferEntry, name_problem, shown
 
 MAGIC = b"PACK"
 VERSION = 2
@@ -117,7 +117,7 @@ class TreeEntry:
     """
 
     path: str
-    kind: str  # transfer.FILE or transfer.DIRECTORY
+    kind: str  # offer.FILE or offer.DIRECTORY
     size: int | None
     executable: bool
     id: bytes = attrs.field(repr=lambda oid: oid.hex())

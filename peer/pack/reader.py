@@ -25,7 +25,7 @@ import zlib
 from array import array
 from typing import Callable, Iterator
 
-from peer.transfer import DIRECTORY, FILE, MAX_FILE_SIZE, MAX_PATH_BYTES, Offer, OfferEntry, name_problem, shown
+from peer.offer import DIRECTORY, FILE, MAX_FILE_SIZE, MAX_PATH_BYTES, Offer, OfferEntry, name_problem, shown
 
 from .format import (
     _DELTAS,
@@ -63,7 +63,7 @@ from .format import (
     _decode_name,
     _tree_entries,
 )
-from .store import DELTA_HEADER_MAX, _ObjectStore, _Spool, apply_small_delta, delta_sizes
+from .store import DELTA_HEADER_MAX, _ObjectStore, _Spool, apply_small_delta, delta_sizes, find_sorted
 
 _NO_ID = bytes(ID_SIZE)
 _INSTRUCTION_WEIGHT = 32
@@ -122,11 +122,7 @@ class _Described:
         self._order = array("L", sorted(known, key=self.id_of))
 
     def find(self, object_id: bytes) -> int | None:
-        order = self._order
-        position = bisect.bisect_left(order, object_id, key=self.id_of)
-        if position < len(order) and self.id_of(order[position]) == object_id:
-            return order[position]
-        return None
+        return find_sorted(self._order, object_id, self.id_of)
 
 
 class PackReader:

@@ -26,6 +26,14 @@ from .format import (
     PackLimits,
 )
 
+def find_sorted(order: array, object_id: bytes, id_of) -> int | None:
+    """The object whose id is ``object_id``, in ``order`` (indexes sorted by id); or None."""
+    position = bisect.bisect_left(order, object_id, key=id_of)
+    if position < len(order) and id_of(order[position]) == object_id:
+        return order[position]
+    return None
+
+
 class _Spool:
     """Append-only storage with random reads: memory while small, then a temporary file.
 
@@ -300,11 +308,7 @@ class _ObjectStore:
         self._order = array("L", sorted(range(len(self.kinds)), key=self.id_of))
 
     def find(self, object_id: bytes) -> int | None:
-        order = self._order
-        position = bisect.bisect_left(order, object_id, key=self.id_of)
-        if position < len(order) and self.id_of(order[position]) == object_id:
-            return order[position]
-        return None
+        return find_sorted(self._order, object_id, self.id_of)
 
     def read_whole(self, index: int, limit: int, what: str) -> bytes:
         length = self.lengths[index]

@@ -14,9 +14,9 @@ from typing import Iterable, Iterator
 
 import attrs
 
+from peer.offer import MAX_FILE_SIZE, name_problem, os_reason, shown
 from peer.records import MAX_RECORD_SIZE
 from peer.source import SourceError, kind_of_mode
-from peer.transfer import MAX_FILE_SIZE, name_problem, os_reason, shown
 
 from .format import (
     _READ_STEP,
@@ -286,7 +286,7 @@ def directory_pack(root: str | os.PathLike[str], name: str | None = None) -> Dir
 
     Sent under `name` (default: the directory's own name). Dot-files are sent too,
     unlike bob; symbolic links and special files inside are skipped with a warning,
-    and a name that `peer.transfer.name_problem` refuses raises SourceError. Every
+    and a name that `peer.offer.name_problem` refuses raises SourceError. Every
     file goes as mode 100644 and every directory as 40000: bob's receiver refuses any
     other mode, so the executable bit is lost.
     """
