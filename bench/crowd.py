@@ -11,7 +11,7 @@ C = 15,000, under the default cap of 64). Then:
 The relay's CPU (user+system, /proc/PID/stat) is read before and after each series, with a
 pause to let it settle, and divided by the arrivals (scoped) or the announcements (plain).
 The plain figure is given for the arrival and reading alone, and with the departure too (a
-plain receiver's departure tells every sender it was told of with Closed).
+departure tells the senders the receiver spoke to with Closed: none here).
 
 Targets (issue 13): the largest crowd's CPU per scoped arrival at most 2x the empty
 relay's; at most 20 us of relay CPU per announcement to a plain receiver, all delivered.
