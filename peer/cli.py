@@ -21,6 +21,7 @@ from .address import DEFAULT_PORT, DEFAULT_SECURE_PORT, AddressError, RelayAddre
 from .channel import Channel, ChannelBroken, ChannelClosed, lost
 from .console import Console
 from .destination import Destination, DestinationError, StreamDestination
+from .output import OutputDestination, names_a_file
 from .errors import TransferFailed
 from .memory import keep_freed_memory
 from .meeting import HandshakeFailed, meet
@@ -149,7 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     recv = commands.add_parser("recv", help="receive files", description="Receive what a `peer send` offers.")
     common(recv)
     recv.add_argument(
-        "-o", "--output", metavar="DEST", default=None, help="directory to save into (default: the current one)"
+        "-o", "--output", metavar="DEST", default=None,
+        help="directory to save into (default: the current one); when one file is offered and DEST "
+        "does not exist and does not end in /, the file is saved as DEST",
     )
     recv.add_argument(
         "--no-resume",
@@ -591,12 +594,14 @@ async def _recv(args, console: Console) -> int:
         return await _receive_into(address, password, StreamDestination(), args, console)
     output = Path(args.output or ".")
     made_output = not output.exists()
+    options = dict(overwrite=args.overwrite, rename=args.rename, merge=args.merge,
+                   keep_modes=args.keep_modes, resume=not args.no_resume)
     try:
-        output.mkdir(parents=True, exist_ok=True)
-        destination = Destination(
-            output, overwrite=args.overwrite, rename=args.rename, merge=args.merge,
-            keep_modes=args.keep_modes, resume=not args.no_resume,
-        )
+        if args.output and names_a_file(args.output):
+            destination = OutputDestination(output, **options)  # a file's new name, or a directory
+        else:
+            output.mkdir(parents=True, exist_ok=True)
+            destination = Destination(output, **options)
     except (OSError, DestinationError) as error:
         raise Failure(f"cannot use {output} as the destination: {getattr(error, 'strerror', None) or error}") from None
     try:
@@ -703,7 +708,9 @@ async def _receive_into(address, password, destination, args, console: Console) 
         console.info(
             f"Received {done.file_count} file{'s' if done.file_count != 1 else ''} "
             f"({transfer.format_size(done.total_bytes)}) "
-            + ("to standard output" if args.stdout else f"into {args.output or '.'}")
+            + ("to standard output" if args.stdout
+               else f"as {args.output}" if getattr(destination, "as_file", False)
+               else f"into {args.output or '.'}")
         )
     for offered, local in destination.renamed.items():
         console.info(f"{transfer.printable(offered)} existed already: saved as {transfer.printable(local)}")

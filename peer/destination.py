@@ -179,6 +179,7 @@ class Destination:
         resume: bool = True,
         case_insensitive: bool | None = None,
         windows_names: bool | None = None,
+        single_name: str | None = None,
     ) -> None:
         if overwrite and rename:
             raise ValueError("choose overwrite or rename, not both")
@@ -214,11 +215,15 @@ class Destination:
         self._inside_cache: dict[Path, bool] = {}
         self._leftovers: dict[Path, dict[str, list[str]]] = {}
         """Directory -> cut name -> partial-file and journal names found there (resume)."""
+        self.single_name = single_name
+        """The name (in `root`) for the offer's file when it offers one file and nothing else:
+        ``peer recv -o NEWNAME``, as magic-wormhole users expect; ignored for other offers."""
 
     @property
     def renamed(self) -> dict[str, str]:
         """The top-level items saved under another name: offered name -> name used here."""
-        return {offered: local for offered, local in self._local_top.items() if offered != local}
+        return {offered: local for offered, local in self._local_top.items()
+                if offered != local and local != self.single_name}
 
     # --- planning ----------------------------------------------------------------------
 
@@ -457,13 +462,17 @@ class Destination:
         """Offered top-level name -> the name it gets here; linear in the offer."""
         tops = [entry for entry in entries if "/" not in entry.path]
         self._taken_tops = {entry.path for entry in tops}
+        wanted = {entry.path: entry.path for entry in tops}
+        if self.single_name is not None and len(entries) == 1 and entries[0].is_file:
+            wanted[entries[0].path] = self.single_name
+            self._taken_tops.add(self.single_name)
         if not self.rename:
-            return {entry.path: entry.path for entry in tops}
+            return wanted
         chosen: dict[str, str] = {}
         for entry in tops:
-            name = entry.path
+            name = wanted[entry.path]
             if os.path.lexists(self.root / name):
-                name = self._free_name(entry.path, entry.is_directory)
+                name = self._free_name(name, entry.is_directory)
             chosen[entry.path] = name
         return chosen
 
