@@ -161,6 +161,8 @@ def test_the_receiver_acknowledges_only_after_the_last_sync(tmp_path, monkeypatc
     source.mkdir()
     for i in range(200):
         (source / f"f{i}.txt").write_bytes(b"x" * (i % 10))
+    for i in range(5):  # small but compressible: one zstd frame each, made inline
+        (source / f"text{i}.log").write_bytes(b"".join(b"line %d of a log\n" % n for n in range(3000))[:60000])
     out = tmp_path / "out"
 
     async def main():
@@ -184,7 +186,7 @@ def test_two_thousand_small_files_through_a_real_relay(relay_process, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     sender = peer("send", *relay_process.peer_args(), "-q", "--password", CODE, str(source), cwd=tmp_path)
-    receiver = peer("recv", *relay_process.peer_args(), "-q", "-y", "-o", str(out), CODE, cwd=tmp_path)
+    receiver = peer("recv", *relay_process.peer_args(), "-q", "-y", "-o", f"{out}/", CODE, cwd=tmp_path)
     r, _, r_err = finish(receiver, timeout=300)
     s, _, s_err = finish(sender, timeout=60)
     assert (s, r) == (0, 0), s_err + r_err
