@@ -52,7 +52,7 @@ def test_a_relay_killed_mid_transfer_is_blamed_and_the_partial_is_kept(tmp_path)
     try:
         sender = peer("send", *relay.peer_args(), "--password", CODE, "--limit-rate", "24M", "--no-compress",
                       "big.bin", cwd=tmp_path)
-        receiver = peer("recv", *relay.peer_args(), "-y", "-o", str(out), CODE, cwd=tmp_path)
+        receiver = peer("recv", *relay.peer_args(), "-y", "-o", f"{out}/", CODE, cwd=tmp_path)
         deadline = time.monotonic() + 60
         # A verified chunk (16 MiB) is in the journal, or at least on its way to the disk.
         while journal_chunks(out) < 1 and part_bytes(out) < 24 * MiB:
@@ -81,7 +81,7 @@ def test_a_receiver_at_the_prompt_learns_at_once_that_the_sender_is_gone(relay_p
     out.mkdir()
     sender = peer("send", *relay_process.peer_args(), "--password", CODE, "f.txt", cwd=tmp_path)
     # Nobody answers the prompt: stdin is a pipe we never write to nor close.
-    receiver = peer("recv", *relay_process.peer_args(), "-o", str(out), CODE, cwd=tmp_path, stdin=subprocess.PIPE)
+    receiver = peer("recv", *relay_process.peer_args(), "-o", f"{out}/", CODE, cwd=tmp_path, stdin=subprocess.PIPE)
     try:
         seen = read_until(receiver, rb"Accept\? \[Y/n\]: ")
         sender.send_signal(signal.SIGKILL)

@@ -294,7 +294,7 @@ def exchange(relay, tmp_path: Path, out: Path, *recv_args: str) -> tuple[tuple, 
     names = hostile_tree(source)
     sender = peer("send", *relay.peer_args(), "--password", CODE, *names, cwd=source)
     try:
-        receiver = peer("recv", *relay.peer_args(), "-o", str(out), *recv_args, CODE, cwd=tmp_path,
+        receiver = peer("recv", *relay.peer_args(), "-o", f"{out}/", *recv_args, CODE, cwd=tmp_path,
                         stdin=subprocess.DEVNULL)
         received = finish(receiver)
     finally:

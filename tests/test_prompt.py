@@ -91,7 +91,7 @@ def sender(relay_process, tmp_path):
 
 
 def _receiver(relay_process, tmp_path) -> Terminal:
-    return Terminal("recv", *relay_process.peer_args(), "-y", "-o", str(tmp_path / "out"), cwd=tmp_path)
+    return Terminal("recv", *relay_process.peer_args(), "-y", "-o", f"{tmp_path / 'out'}/", cwd=tmp_path)
 
 
 def _received(tmp_path, terminal: Terminal, sender) -> None:
@@ -125,7 +125,7 @@ def test_refusing_the_correction_asks_for_the_code_again(relay_process, tmp_path
 
 
 def test_a_misspelt_code_on_the_command_line_is_questioned_too(relay_process, tmp_path, sender):
-    terminal = Terminal("recv", *relay_process.peer_args(), "-y", "-o", str(tmp_path / "out"),
+    terminal = Terminal("recv", *relay_process.peer_args(), "-y", "-o", f"{tmp_path / 'out'}/",
                         "263-dizzy-fnite-disparity", cwd=tmp_path)
     terminal.read_until(f"Did you mean {CODE}? [Y/n]".encode())
     terminal.type(b"y\r")

@@ -256,7 +256,7 @@ def wait_for_chunks(out: Path, count: int, process, limit: float = 30.0) -> None
 
 def run_pair(relay, tmp_path, out, *send_options):
     sender = peer("send", *relay.peer_args(), "--password", CODE, *send_options, "big.bin", cwd=tmp_path)
-    receiver = peer("recv", *relay.peer_args(), "-y", "-o", str(out), CODE, cwd=tmp_path)
+    receiver = peer("recv", *relay.peer_args(), "-y", "-o", f"{out}/", CODE, cwd=tmp_path)
     return sender, receiver
 
 

@@ -140,7 +140,7 @@ def test_a_socket_activated_relay_serves_a_real_transfer(tmp_path):
         sender = peer("send", *relay_args, "--password", "417-socket-activated-relay",
                       "hello.txt", cwd=tmp_path)
         assert f"127.0.0.1:{handshake} (handshake) and 127.0.0.1:{secure} (secure room)" in line
-        receiver = peer("recv", *relay_args, "-y", "-o", str(tmp_path / "out"),
+        receiver = peer("recv", *relay_args, "-y", "-o", f"{tmp_path / 'out'}/",
                         "417-socket-activated-relay", cwd=tmp_path)
         (s, _, s_err), (r, _, r_err) = finish(sender, LIMIT), finish(receiver, LIMIT)
         assert (s, r) == (0, 0), s_err + r_err
@@ -264,7 +264,7 @@ def test_sigterm_during_a_transfer_lets_it_finish_and_exits_0(tmp_path):
     try:
         sender = peer("send", *relay.peer_args(), "--password", "511-grace-period-transfer",
                       "big.bin", cwd=tmp_path)
-        receiver = peer("recv", *relay.peer_args(), "-y", "-o", str(out),
+        receiver = peer("recv", *relay.peer_args(), "-y", "-o", f"{out}/",
                         "511-grace-period-transfer", cwd=tmp_path)
         deadline = time.monotonic() + LIMIT
         while not any(p.stat().st_size for p in out.glob("*.peer-part")):
@@ -330,7 +330,7 @@ def test_logs_hold_no_code_no_payload_and_anonymized_addresses(tmp_path):
         match = re.search(r"127\.0\.0\.1:(\d+) \(handshake\) and 127\.0\.0\.1:(\d+)", read_line(relay))
         relay_args = ["--relay", f"127.0.0.1:{match[1]}", "--secure-port", match[2]]
         sender = peer("send", *relay_args, "--password", code, "secret.txt", cwd=tmp_path)
-        receiver = peer("recv", *relay_args, "-y", "-o", str(tmp_path / "out"), code, cwd=tmp_path)
+        receiver = peer("recv", *relay_args, "-y", "-o", f"{tmp_path / 'out'}/", code, cwd=tmp_path)
         (s, _, s_err), (r, _, r_err) = finish(sender, LIMIT), finish(receiver, LIMIT)
         assert (s, r) == (0, 0), s_err + r_err
     finally:

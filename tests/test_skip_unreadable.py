@@ -78,7 +78,7 @@ def test_by_default_one_unreadable_file_stops_the_send(relay_process, tree):
 def test_skip_unreadable_sends_the_rest_and_both_sides_name_what_was_left_out(relay_process, tree, tmp_path):
     out = tmp_path / "out"
     sender = send_as_unprivileged(*relay_process.peer_args(), "--skip-unreadable", "--password", CODE, "d", cwd=tree)
-    receiver = peer("recv", *relay_process.peer_args(), "-y", "-o", str(out), CODE, cwd=tmp_path)
+    receiver = peer("recv", *relay_process.peer_args(), "-y", "-o", f"{out}/", CODE, cwd=tmp_path)
     (r, _, r_err), (s, _, s_err) = finish(receiver), finish(sender)
     assert (s, r) == (0, 0), s_err + r_err
     assert "peer: warning: skipped d/locked: permission denied" in s_err.splitlines(), s_err

@@ -82,7 +82,7 @@ def test_a_receiver_started_first_says_what_it_waits_for_on_one_updating_line(re
     (tmp_path / "hello.txt").write_text("hello\n")
     out = tmp_path / "out"
     out.mkdir()  # an existing directory: saved into it
-    receiver = Terminal("recv", *relay_process.peer_args(), "-y", "-o", str(out), CODE, cwd=tmp_path)
+    receiver = Terminal("recv", *relay_process.peer_args(), "-y", "-o", f"{out}/", CODE, cwd=tmp_path)
     try:
         screen = receiver.read_until(rb"Waiting for the sender\.\.\.")
         # Nobody sends yet: the receiver says so, on one line rewritten in place.
@@ -115,7 +115,7 @@ def test_quiet_prints_no_status(relay_process, tmp_path):
     (tmp_path / "f.txt").write_text("x")
     out = tmp_path / "out"
     out.mkdir()
-    receiver = peer("recv", *relay_process.peer_args(), "-q", "-y", "-o", str(out), CODE, cwd=tmp_path)
+    receiver = peer("recv", *relay_process.peer_args(), "-q", "-y", "-o", f"{out}/", CODE, cwd=tmp_path)
     sender = peer("send", *relay_process.peer_args(), "-q", "--password", CODE, "f.txt", cwd=tmp_path)
     (r, _, r_err), (s, _, s_err) = finish(receiver), finish(sender)
     assert (r, s) == (0, 0), r_err + s_err
@@ -128,7 +128,7 @@ def test_the_sender_is_asked_only_with_confirm(relay_process, tmp_path):
     out.mkdir()
     # On a terminal, without --confirm: nobody answers, and the transfer goes through.
     sender = Terminal("send", *relay_process.peer_args(), "--password", CODE, "f.txt", cwd=tmp_path)
-    receiver = peer("recv", *relay_process.peer_args(), "-y", "-o", str(out), CODE, cwd=tmp_path)
+    receiver = peer("recv", *relay_process.peer_args(), "-y", "-o", f"{out}/", CODE, cwd=tmp_path)
     r, _, r_err = finish(receiver)
     assert sender.finish() == 0, sender.screen
     assert r == 0, r_err
@@ -139,7 +139,7 @@ def test_the_sender_is_asked_only_with_confirm(relay_process, tmp_path):
     # With --confirm, the sender is asked, and the receiver waits for the answer, saying so.
     (out / "f.txt").unlink()
     sender = Terminal("send", *relay_process.peer_args(), "--confirm", "--password", CODE, "f.txt", cwd=tmp_path)
-    receiver = peer("recv", *relay_process.peer_args(), "-y", "-o", str(out), CODE, cwd=tmp_path)
+    receiver = peer("recv", *relay_process.peer_args(), "-y", "-o", f"{out}/", CODE, cwd=tmp_path)
     try:
         sender.read_until(rb"Send f\.txt \(4 B\) to .*\? Verification " + CHECK.encode() + rb"\. \[Y/n\]: ")
         sender.type(b"y\n")
