@@ -103,11 +103,15 @@ def test_no_executable_bit_unless_kept(tmp_path):
     plain = Destination(tmp_path / "plain")
     (tmp_path / "plain").mkdir()
     plain.plan(offer)
-    assert mode(receive(plain, offer.entries[0], b"#!")) & 0o111 == 0
+    path = receive(plain, offer.entries[0], b"#!")
+    plain.finish()  # files are named with their batch
+    assert mode(path) & 0o111 == 0
     kept = Destination(tmp_path / "kept", keep_modes=True)
     (tmp_path / "kept").mkdir()
     kept.plan(offer)
-    assert mode(receive(kept, offer.entries[0], b"#!")) & 0o100
+    path = receive(kept, offer.entries[0], b"#!")
+    kept.finish()
+    assert mode(path) & 0o100
 
 
 def test_the_listing_shows_every_top_level_item_and_every_hidden_path():
