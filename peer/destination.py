@@ -209,6 +209,8 @@ class Destination:
         self._resuming = False
         self._resume_state: dict[str, tuple[int, Journal, bool]] = {}
         """Offered path -> (bytes already verified here, its journal, whether it is complete)."""
+        self._resume_tops: set[str] | None = None
+        """Top-level directories holding this offer's own journals (see _resumes_into)."""
         self._finished_journals: list[Journal] = []
         self._umask = _current_umask()
         self._real_root: str | None = None
@@ -270,6 +272,7 @@ class Destination:
         self._local_top = self._choose_top_names(offer.entries)
         self._resuming = resume and self.supports_resume
         self._resume_state = self._find_resumable(offer) if self._resuming else {}
+        self._resume_tops = None
         planned: dict[str, Path] = {}
         for entry in offer.entries:
             planned[entry.path] = self._check_entry(entry)
@@ -521,6 +524,14 @@ class Destination:
             known = self._inside_cache[path] = self._inside(path)
         return known
 
+    def _resumes_into(self, top: str) -> bool:
+        """Whether an earlier attempt at this very offer left verified work inside ``top``:
+        then running the same command again resumes into it without --merge. Only a
+        journal of an offered path, size and file id, written by this receiver, counts."""
+        if self._resume_tops is None:
+            self._resume_tops = {path.partition("/")[0] for path in self._resume_state if "/" in path}
+        return top in self._resume_tops
+
     def _check_entry(self, entry: OfferEntry) -> Path:
         """Where `entry` goes; its name was checked already (`plan`)."""
         target = self._target(entry.path)
@@ -532,7 +543,7 @@ class Destination:
             if os.path.lexists(target):
                 if not target.is_dir():
                     raise DestinationError(f"cannot create the directory {entry.path}: a file of that name exists")
-                if "/" not in entry.path and not self.merge:
+                if "/" not in entry.path and not self.merge and not self._resumes_into(entry.path):
                     raise DestinationError(
                         f"{entry.path} already exists in {self.root}; not writing into it "
                         "(--merge adds to it, --rename saves beside it)"

@@ -14,7 +14,7 @@ import pytest
 import trio
 
 from peer import durable, transfer
-from peer.destination import Destination
+from peer.destination import Destination, DestinationError
 from peer.offer import DIRECTORY, FILE, Offer, OfferEntry
 from processes import finish, peer
 from inprocess import run_pair, running_relay, tree
@@ -113,10 +113,16 @@ def test_verified_files_of_an_interrupted_transfer_stay_and_resume(tmp_path):
     placed = sorted(name for name in names if not name.endswith(".peer-journal"))
     assert placed == sorted(Path(e.path).name for e in files[:12])  # the partial 13th is gone
     assert len(names) == 2 * len(placed)  # each with a journal saying it is done
-    again = Destination(tmp_path, merge=True)  # (resuming into a directory needs --merge today)
+    again = Destination(tmp_path)  # its own journals let it resume into "d" without --merge
     again.plan(offer, resume=True)
     done = again.resume_points(offer)
     assert sorted(done) == [offer.entries.index(e) for e in files[:12]]
+    # Another offer naming the same directory (other file ids) finds no journal of its own
+    # there: writing into "d" needs --merge, as for any existing directory.
+    other = Offer([OfferEntry(DIRECTORY, "d")] + [
+        OfferEntry(FILE, e.path, e.size, False, f"{99:032x}") for e in files])
+    with pytest.raises(DestinationError, match="--merge"):
+        Destination(tmp_path).plan(other, resume=True)
 
 
 def test_a_failed_sync_names_nothing_and_says_so(tmp_path, monkeypatch):
