@@ -53,7 +53,7 @@ def one_transfer(work: Path, relay_args, name: str, options: list[str], code: st
     time.sleep(0.5)  # the sender is registered: as a person reading the code aloud
     started = time.perf_counter()
     receiver = subprocess.run(
-        [sys.executable, "-m", "peer", "recv", *relay_args, "-y", "-q", "-o", str(out), code],
+        [sys.executable, "-m", "peer", "recv", *relay_args, "-y", "-q", "-o", f"{out}/", code],
         cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ENV, timeout=3600,
     )
     _, err = sender.communicate(timeout=60)

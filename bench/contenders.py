@@ -199,7 +199,7 @@ def ours(source: Path, out_dir: Path, transport: str, python: str = sys.executab
         children.start("sender", [python, "-m", "peer", "send", *where, "-q", "--password", CODE,
                                   str(source)], env=child_env)
         children.start("receiver", [python, "-m", "peer", "recv", *where, "-q", "-y", "-o",
-                                    str(out_dir), CODE], env=child_env)
+                                    f"{out_dir}/", CODE], env=child_env)
         return _finish(children, started, relay_before, ["relay"], f"ours over {transport}",
                        source, out_dir)
     finally:

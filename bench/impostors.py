@@ -53,7 +53,7 @@ def one_run(work: Path, impostors: int) -> float:
         held = [impostor(relay.port) for _ in range(impostors)]
         out = work / f"out-{impostors}-{time.monotonic_ns()}"
         started = time.perf_counter()
-        receiver = peer("recv", *relay.peer_args(), "-q", "-y", "-o", str(out), CODE, cwd=work)
+        receiver = peer("recv", *relay.peer_args(), "-q", "-y", "-o", f"{out}/", CODE, cwd=work)
         status, _, err = finish(receiver, 120)
         elapsed = time.perf_counter() - started
         s_status, _, s_err = finish(sender, 30)

@@ -55,7 +55,7 @@ def run(relay_args, work: Path, out: Path, code: str, *, watch_from: int | None 
     sender = peer(["send", *relay_args, "--password", code, "--no-compress", "data.bin"], work)
     time.sleep(0.5)
     started = time.perf_counter()
-    receiver = peer(["recv", *relay_args, "-y", "-q", "-o", str(out), code], work)
+    receiver = peer(["recv", *relay_args, "-y", "-q", "-o", f"{out}/", code], work)
     first_byte = None
     truncated = False  # the part is first cut back to its verified chunks, then grows
     while receiver.poll() is None:
@@ -97,7 +97,7 @@ def main() -> None:
             out = work / "out"
             sender = peer(["send", *relay_args, "--password", "2-bench-resume-cut", "--no-compress", "data.bin"], work)
             time.sleep(0.5)
-            receiver = peer(["recv", *relay_args, "-y", "-q", "-o", str(out), "2-bench-resume-cut"], work)
+            receiver = peer(["recv", *relay_args, "-y", "-q", "-o", f"{out}/", "2-bench-resume-cut"], work)
             target = int(size * args.at) // RESUME_CHUNK
             while chunks_done(out) < target:
                 if receiver.poll() is not None:

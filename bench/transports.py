@@ -80,7 +80,7 @@ def transfer(relay: Relay, transport: str, source: Path, out_dir: Path, trust: d
     sender = subprocess.Popen(
         [sys.executable, "-m", "peer", "send", *common, "--password", code, str(source)], env=env(**trust))
     receiver = subprocess.Popen(
-        [sys.executable, "-m", "peer", "recv", *common, "-y", "-o", str(out_dir), code], env=env(**trust))
+        [sys.executable, "-m", "peer", "recv", *common, "-y", "-o", f"{out_dir}/", code], env=env(**trust))
     receiver_cpu = wait_cpu(receiver)
     sender_cpu = wait_cpu(sender)
     elapsed = time.perf_counter() - start

@@ -16,11 +16,13 @@ from pathlib import Path
 
 import trio
 
-from . import codes, handshake, messages, transfer
+from . import codes, completion, handshake, messages, qr, transfer
 from .address import DEFAULT_PORT, DEFAULT_SECURE_PORT, AddressError, RelayAddress, parse_relay
 from .channel import Channel, ChannelBroken, ChannelClosed, lost
 from .console import Console
 from .destination import Destination, DestinationError, StreamDestination
+from .output import OutputDestination, names_a_file
+from .version import VersionAction
 from .errors import TransferFailed
 from .memory import keep_freed_memory
 from .meeting import HandshakeFailed, meet
@@ -52,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="peer",
         description="Send files end-to-end encrypted through a relay that can read nothing.",
     )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{send,recv}")
+    parser.add_argument("--version", action=VersionAction)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{send,recv,completion}")
 
     def common(sub: argparse.ArgumentParser) -> None:
         sub.add_argument(
@@ -88,7 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
             + f"(default {handshake.DEFAULT_MAX_ATTEMPTS})",
         )
         sub.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
-        sub.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors (and a generated code)")
+        sub.add_argument(
+            "-q", "--quiet", action="store_true",
+            help="print nothing but errors" + (" (and a generated code)" if sub.prog.endswith("send") else ""),
+        )
 
     send = commands.add_parser("send", help="send files or directories", description="Send files or directories.")
     common(send)
@@ -146,10 +152,19 @@ def build_parser() -> argparse.ArgumentParser:
         "paths", nargs="*", metavar="PATH", help="files or directories to send; - reads standard input"
     )
 
+    send.add_argument(
+        "--qr",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="show a generated code as a QR code too, on stderr (default: when stdout is a terminal)",
+    )
+
     recv = commands.add_parser("recv", help="receive files", description="Receive what a `peer send` offers.")
     common(recv)
     recv.add_argument(
-        "-o", "--output", metavar="DEST", default=None, help="directory to save into (default: the current one)"
+        "-o", "--output", metavar="DEST", default=None,
+        help="directory to save into (default: the current one); when one file is offered and DEST "
+        "does not exist and does not end in /, the file is saved as DEST",
     )
     recv.add_argument(
         "--no-resume",
@@ -188,6 +203,12 @@ def build_parser() -> argparse.ArgumentParser:
         "without a terminal, before it costs one of the sender's attempts)",
     )
     recv.add_argument("code", nargs="?", help=f"the code the sender printed (asked for if absent, or ${PASSWORD_ENV})")
+    shell = commands.add_parser(
+        "completion", help="print a shell completion script",
+        description="Print a completion script for SHELL, generated from the options themselves, "
+        "e.g. eval \"$(peer completion bash)\" in ~/.bashrc, or save it where the shell looks.",
+    )
+    shell.add_argument("shell", choices=completion.SHELLS, metavar="{bash,zsh,fish}")
     return parser
 
 
@@ -207,7 +228,11 @@ def _rate(text: str) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "completion":
+        sys.stdout.write(completion.script(args.shell, parser))
+        return 0
     if args.secure_port is not None and not 0 < args.secure_port < 65536:
         print("peer: --secure-port must be between 1 and 65535", file=sys.stderr)
         return 2
@@ -360,6 +385,8 @@ async def _send(args, console: Console) -> int:
         else:
             shown = None if from_env else address
         _announce(console, text, generated, shown)
+        if generated and (args.qr if args.qr is not None else sys.stdout.isatty() and not args.quiet):
+            print(qr.render(text), end="", file=sys.stderr, flush=True)
         try:
             return await _send_through(address, password, selection, args, console)
         finally:
@@ -591,12 +618,14 @@ async def _recv(args, console: Console) -> int:
         return await _receive_into(address, password, StreamDestination(), args, console)
     output = Path(args.output or ".")
     made_output = not output.exists()
+    options = dict(overwrite=args.overwrite, rename=args.rename, merge=args.merge,
+                   keep_modes=args.keep_modes, resume=not args.no_resume)
     try:
-        output.mkdir(parents=True, exist_ok=True)
-        destination = Destination(
-            output, overwrite=args.overwrite, rename=args.rename, merge=args.merge,
-            keep_modes=args.keep_modes, resume=not args.no_resume,
-        )
+        if args.output and names_a_file(args.output):
+            destination = OutputDestination(output, **options)  # a file's new name, or a directory
+        else:
+            output.mkdir(parents=True, exist_ok=True)
+            destination = Destination(output, **options)
     except (OSError, DestinationError) as error:
         raise Failure(f"cannot use {output} as the destination: {getattr(error, 'strerror', None) or error}") from None
     try:
@@ -703,7 +732,9 @@ async def _receive_into(address, password, destination, args, console: Console) 
         console.info(
             f"Received {done.file_count} file{'s' if done.file_count != 1 else ''} "
             f"({transfer.format_size(done.total_bytes)}) "
-            + ("to standard output" if args.stdout else f"into {args.output or '.'}")
+            + ("to standard output" if args.stdout
+               else f"as {args.output}" if getattr(destination, "as_file", False)
+               else f"into {args.output or '.'}")
         )
     for offered, local in destination.renamed.items():
         console.info(f"{transfer.printable(offered)} existed already: saved as {transfer.printable(local)}")

@@ -126,6 +126,8 @@ def _line_editing(complete: Callable[[str], list[str]] | None) -> Iterator[None]
         nonlocal matches
         if state == 0:
             matches = complete(text) if complete is not None else []
+            if len(matches) == 1:
+                matches = [matches[0] + "-"]  # done with this word: on to the next one
         return matches[state] if state < len(matches) else None
 
     readline.set_completer(completer)

@@ -8,9 +8,15 @@ the sender's, so a name that appears is always a complete, verified file.
 
 How one file is written and verified is `peer.partfile`'s; this module decides where.
 
+Durability is paid once per batch of files, not once per file: verified files wait under
+their temporary names until the batch is full or the transfer ends; then one flush makes
+their bytes durable, they get their names, and a second flush makes the names durable
+before the receiver acknowledges (see docs/transfer.md, "What is durable when").
+
 Threat model: a hostile sender. A local user racing us inside the destination
 directory (swapping directories for symlinks between our checks and our writes) is
-out of scope; we re-check containment before each file but do not use dir fds.
+out of scope; we re-check containment before the first file of each directory of a
+transfer but do not use dir fds.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from typing import Iterator
 
 import blake3
 
+from peer import durable
 from peer.journal import JOURNAL_SUFFIX, MAGIC as JOURNAL_MAGIC, Journal, journal_key
 from peer.offer import (
     MAX_COMPONENT_BYTES,
@@ -120,6 +127,11 @@ def _current_umask() -> int:
     return mask
 
 
+SYNC_BATCH_BYTES = 256 * 1024 * 1024
+"""Verified files wait, unnamed, until this many of their bytes are pending (or the transfer
+ends): one flush for them all. The number of flushes grows with the bytes, never with the
+number of files."""
+
 MAX_RENAME_TRIES = 10_000
 """How far ``--rename`` counts (``name (1)`` ... ) before giving up on finding a free name."""
 
@@ -179,6 +191,7 @@ class Destination:
         resume: bool = True,
         case_insensitive: bool | None = None,
         windows_names: bool | None = None,
+        single_name: str | None = None,
     ) -> None:
         if overwrite and rename:
             raise ValueError("choose overwrite or rename, not both")
@@ -196,6 +209,8 @@ class Destination:
         self._resuming = False
         self._resume_state: dict[str, tuple[int, Journal, bool]] = {}
         """Offered path -> (bytes already verified here, its journal, whether it is complete)."""
+        self._resume_tops: set[str] | None = None
+        """Top-level directories holding this offer's own journals (see _resumes_into)."""
         self._finished_journals: list[Journal] = []
         self._umask = _current_umask()
         self._real_root: str | None = None
@@ -206,6 +221,11 @@ class Destination:
         self._committed: set[str] = set()
         self._created: list[Path] = []
         self._touched: set[Path] = set()
+        self._ready: set[Path] = set()
+        """Directories made or found, and checked to lie inside the root, in this transfer."""
+        self._unsynced: list[PartFile] = []
+        """Verified and closed files waiting for their batch's flush before they are named."""
+        self._unsynced_bytes = 0
         self._local_top: dict[str, str] = {}
         """Offered top-level name -> the name it gets here (differs only with `rename`)."""
         self._claimed_tops: set[str] = set()
@@ -214,11 +234,15 @@ class Destination:
         self._inside_cache: dict[Path, bool] = {}
         self._leftovers: dict[Path, dict[str, list[str]]] = {}
         """Directory -> cut name -> partial-file and journal names found there (resume)."""
+        self.single_name = single_name
+        """The name (in `root`) for the offer's file when it offers one file and nothing else:
+        ``peer recv -o NEWNAME``, as magic-wormhole users expect; ignored for other offers."""
 
     @property
     def renamed(self) -> dict[str, str]:
         """The top-level items saved under another name: offered name -> name used here."""
-        return {offered: local for offered, local in self._local_top.items() if offered != local}
+        return {offered: local for offered, local in self._local_top.items()
+                if offered != local and local != self.single_name}
 
     # --- planning ----------------------------------------------------------------------
 
@@ -248,6 +272,7 @@ class Destination:
         self._local_top = self._choose_top_names(offer.entries)
         self._resuming = resume and self.supports_resume
         self._resume_state = self._find_resumable(offer) if self._resuming else {}
+        self._resume_tops = None
         planned: dict[str, Path] = {}
         for entry in offer.entries:
             planned[entry.path] = self._check_entry(entry)
@@ -380,11 +405,13 @@ class Destination:
                     os.close(fd)
                     raise
             else:
-                for leftover in (part_path, journal_path):  # an attempt that verified nothing
-                    try:
-                        os.unlink(leftover)
-                    except FileNotFoundError:
-                        pass
+                own_key = part_path.name[: -len(PART_SUFFIX)].rsplit(".", 1)[1]
+                if own_key in self._leftover_keys(final.parent, cut_name(final.name)):
+                    for leftover in (part_path, journal_path):  # an attempt that verified nothing
+                        try:
+                            os.unlink(leftover)
+                        except FileNotFoundError:
+                            pass
                 fd = os.open(part_path, flags | os.O_CREAT | os.O_EXCL, 0o600)
                 return PartFile(entry, final, part_path, fd, new_journal=(journal_path, header))
         except OSError as exc:
@@ -457,13 +484,17 @@ class Destination:
         """Offered top-level name -> the name it gets here; linear in the offer."""
         tops = [entry for entry in entries if "/" not in entry.path]
         self._taken_tops = {entry.path for entry in tops}
+        wanted = {entry.path: entry.path for entry in tops}
+        if self.single_name is not None and len(entries) == 1 and entries[0].is_file:
+            wanted[entries[0].path] = self.single_name
+            self._taken_tops.add(self.single_name)
         if not self.rename:
-            return {entry.path: entry.path for entry in tops}
+            return wanted
         chosen: dict[str, str] = {}
         for entry in tops:
-            name = entry.path
+            name = wanted[entry.path]
             if os.path.lexists(self.root / name):
-                name = self._free_name(entry.path, entry.is_directory)
+                name = self._free_name(name, entry.is_directory)
             chosen[entry.path] = name
         return chosen
 
@@ -493,6 +524,14 @@ class Destination:
             known = self._inside_cache[path] = self._inside(path)
         return known
 
+    def _resumes_into(self, top: str) -> bool:
+        """Whether an earlier attempt at this very offer left verified work inside ``top``:
+        then running the same command again resumes into it without --merge. Only a
+        journal of an offered path, size and file id, written by this receiver, counts."""
+        if self._resume_tops is None:
+            self._resume_tops = {path.partition("/")[0] for path in self._resume_state if "/" in path}
+        return top in self._resume_tops
+
     def _check_entry(self, entry: OfferEntry) -> Path:
         """Where `entry` goes; its name was checked already (`plan`)."""
         target = self._target(entry.path)
@@ -504,7 +543,7 @@ class Destination:
             if os.path.lexists(target):
                 if not target.is_dir():
                     raise DestinationError(f"cannot create the directory {entry.path}: a file of that name exists")
-                if "/" not in entry.path and not self.merge:
+                if "/" not in entry.path and not self.merge and not self._resumes_into(entry.path):
                     raise DestinationError(
                         f"{entry.path} already exists in {self.root}; not writing into it "
                         "(--merge adds to it, --rename saves beside it)"
@@ -524,6 +563,8 @@ class Destination:
 
     def _make_directory(self, path: Path) -> None:
         """Create `path` and its missing parents below the root, remembering what we made."""
+        if path in self._ready:
+            return
         missing = []
         current = path
         while current != self.root and not current.is_dir():
@@ -546,6 +587,7 @@ class Destination:
                 ) from None
             self._created.append(directory)
             self._touched.add(directory.parent)
+        self._ready.add(path)
 
     def _claim_top(self, path: str) -> None:
         """With `rename`, create the top-level directory of `path` ourselves, exclusively.
@@ -605,10 +647,11 @@ class Destination:
         return handle
 
     def commit(self, part: PartFile, digest: bytes) -> Path:
-        """Verify, flush and give the file its real name; the final path.
+        """Verify the file and queue it for its real name; the path it is planned to get.
 
-        A mismatch, a short file, or a name that appeared meanwhile (without
-        overwrite) discards the temporary file and raises DestinationError.
+        A mismatch or a short file discards the temporary file and raises DestinationError.
+        The name is given with the file's batch (see `SYNC_BATCH_BYTES`, `finish`), once its
+        bytes are durable; a name that appeared meanwhile (without overwrite) is found then.
         """
         entry = part.entry
         if self._open.get(entry.path) is not part or part.closed:
@@ -629,27 +672,64 @@ class Destination:
                 raise IntegrityError(f"{entry.path} arrived corrupted (its hash does not match); discarded")
             executable = entry.executable and self.keep_modes
             part._flush_and_close((0o777 if executable else 0o666) & ~self._umask)
-            self._place(part)
         except BaseException:
             part.discard()
             del self._open[entry.path]
             raise
         del self._open[entry.path]
         self._committed.add(entry.path)
-        self._touched.add(part.final_path.parent)
-        if part.journal is not None or part._new_journal is not None:
-            # Until the whole transfer ends, remember that this file is done, so that an
-            # interrupted transfer of several files does not send it again.
-            try:
-                if part.journal is None:
-                    part.journal = Journal.create(*part._new_journal)
-                part.journal.mark_done(os.stat(part.final_path, follow_symlinks=False))
-                part.journal.close()
-                self._finished_journals.append(part.journal)
-            except OSError:
-                if part.journal is not None:
-                    part.journal.remove()
+        self._unsynced.append(part)
+        self._unsynced_bytes += part.written
+        if self._unsynced_bytes >= SYNC_BATCH_BYTES:
+            self._name_batch(last=False)
         return part.final_path
+
+    def _name_batch(self, *, last: bool) -> None:
+        """Make the waiting files' bytes durable, then give each its name.
+
+        Unless this is the `last` batch (the transfer's end, where the journals go anyway),
+        each file's journal then says it is complete, so that an interrupted transfer does
+        not send it again. On failure the files not yet named are discarded.
+        """
+        batch, self._unsynced, self._unsynced_bytes = self._unsynced, [], 0
+        if not batch:
+            return
+        placed = 0
+        try:
+            self._flush([part.part_path for part in batch], {part.part_path.parent for part in batch})
+            for part in batch:
+                self._place(part)
+                placed += 1
+                self._touched.add(part.final_path.parent)
+                if last:
+                    if part.journal is not None:
+                        part.journal.close()
+                        self._finished_journals.append(part.journal)
+                else:
+                    self._mark_done(part)
+        finally:
+            for part in batch[placed:]:
+                part.discard()
+
+    def _mark_done(self, part: PartFile) -> None:
+        if part.journal is None and part._new_journal is None:
+            return
+        try:
+            if part.journal is None:
+                part.journal = Journal.create(*part._new_journal)
+            part.journal.mark_done(os.stat(part.final_path, follow_symlinks=False))
+            part.journal.close()
+            self._finished_journals.append(part.journal)
+        except OSError:
+            if part.journal is not None:
+                part.journal.remove()
+
+    def _flush(self, files: list[Path], directories) -> None:
+        try:
+            durable.flush(files, directories)
+        except OSError as exc:
+            where = os.path.commonpath([str(d) for d in directories]) if directories else self.root
+            raise DestinationError(f"cannot flush the files received in {where} to disk: {os_reason(exc)}") from None
 
     def _place(self, part: PartFile) -> None:
         """Rename the verified file onto its final name, never over an existing one unless asked."""
@@ -672,7 +752,8 @@ class Destination:
         raise DestinationError(f"{name} appeared during the transfer; not overwriting it")
 
     def finish(self) -> None:
-        """Create the offered directories still missing (empty ones) and flush the renames.
+        """Create the offered directories still missing (empty ones), name the last batch of
+        files, and make every name durable.
 
         Call it after the last commit and before acknowledging.
         """
@@ -682,20 +763,12 @@ class Destination:
         for entry in self._directories:
             self._claim_top(entry.path)
             self._make_directory(self._planned[entry.path])
+        self._name_batch(last=True)
         for journal in self._finished_journals:
             journal.remove()
         self._finished_journals.clear()
-        if os.name == "posix":
-            for directory in sorted(self._touched):
-                try:
-                    fd = os.open(directory, os.O_RDONLY | _CLOEXEC)
-                    try:
-                        os.fsync(fd)
-                    finally:
-                        os.close(fd)
-                except OSError as exc:
-                    if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
-                        raise DestinationError(f"cannot flush {directory}: {os_reason(exc)}") from None
+        if self._touched:
+            self._flush([], self._touched)
 
     @contextlib.contextmanager
     def all_or_nothing(self) -> Iterator[Destination]:
@@ -709,6 +782,7 @@ class Destination:
     def abort(self) -> None:
         """Remove every temporary file and every still-empty directory we created.
 
+        Verified files still waiting for their names get them first (after a flush).
         Under resume, a partial file with verified chunks is kept with its journal instead,
         for the next attempt; so are the journals of files already complete.
         """
@@ -719,6 +793,10 @@ class Destination:
                 kept = True
             else:
                 part.discard()
+        try:
+            self._name_batch(last=False)  # verified files keep their place, marked done
+        except (DestinationError, OSError):
+            pass  # the batch's files were discarded: what cannot be made durable is not named
         self.kept_partial = kept  # read by the command line, to say that running it again resumes
         # The journals of complete files matter only if a later attempt has more to do.
         unfinished = kept or bool(set(self._planned) - self._committed - {e.path for e in self._directories})

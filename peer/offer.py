@@ -274,6 +274,9 @@ class Offer:
     entries: tuple[OfferEntry, ...] = attrs.field(converter=tuple)
     text: str | None = None
     """A text message for the receiver to print; such an offer has no entries."""
+    skipped: tuple[str, ...] = attrs.field(default=(), converter=tuple, kw_only=True)
+    """Paths the sender left out because it could not read them (``--skip-unreadable``):
+    told, not offered, so the receiver knows what it will not get."""
     file_count: int = attrs.field(init=False)
     total_bytes: int = attrs.field(init=False)
     """The sum of the known sizes (all of them unless `sizes_known` is false)."""
@@ -292,6 +295,8 @@ class Offer:
                 raise ValueError("an offer carries either a text or entries, not both")
         elif not self.entries:
             raise ValueError("the offer is empty")
+        if len(self.skipped) > MAX_OFFER_ENTRIES or not all(isinstance(path, str) for path in self.skipped):
+            raise ValueError("the list of skipped paths is malformed")
         if len(self.entries) > MAX_OFFER_ENTRIES:
             raise ValueError(f"the offer has over {MAX_OFFER_ENTRIES:,} entries (the limit)")
         directories: set[str] = set()
@@ -393,8 +398,14 @@ class Offer:
                 hidden.append(entry)
         # A hidden path is named by its files (and its empty directories), not each level.
         hidden_paths = [e.path for e in hidden if e.is_file or e.path not in parents]
+        skipped = []
+        if self.skipped:
+            count = len(self.skipped)
+            names = ", ".join(printable(path) for path in self.skipped[:MAX_HIDDEN_LISTED])
+            more = f" and {count - MAX_HIDDEN_LISTED} more" if count > MAX_HIDDEN_LISTED else ""
+            skipped = [f"  the sender skipped {count} unreadable file{'' if count == 1 else 's'}: {names}{more}"]
         if len(tops) == 1 and not hidden_paths:
-            return []
+            return skipped
         lines = []
         for entry in tops[:MAX_LISTED]:
             if entry.is_file:
@@ -410,7 +421,7 @@ class Offer:
             shown_paths = ", ".join(printable(path) for path in hidden_paths[:MAX_HIDDEN_LISTED])
             more = len(hidden_paths) - MAX_HIDDEN_LISTED
             lines.append(f"  includes hidden paths: {shown_paths}" + (f" and {more} more" if more > 0 else ""))
-        return lines
+        return lines + skipped
 
     def to_json(
         self, *, version: int = PROTOCOL_VERSION, features: Iterable[str] = (), with_ids: bool = False
@@ -434,6 +445,8 @@ class Offer:
         }
         if self.text is not None:
             document["text"] = self.text
+        if self.skipped:
+            document["skipped"] = list(self.skipped)  # optional: older receivers ignore it
         return json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
     @classmethod
@@ -488,8 +501,11 @@ class Offer:
         text = document.get("text")
         if text is not None and not isinstance(text, str):
             raise ProtocolError("the offer's text is not a string")
+        skipped = document.get("skipped", [])
+        if not isinstance(skipped, list) or not all(isinstance(path, str) for path in skipped):
+            raise ProtocolError("the offer's list of skipped paths is malformed")
         try:
-            offer = cls(entries, text)
+            offer = cls(entries, text, skipped=skipped)
         except ValueError as exc:
             raise ProtocolError(f"invalid offer: {exc}") from None
         if document.get("file_count") != offer.file_count or document.get("total_bytes") != offer.total_bytes:

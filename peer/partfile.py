@@ -184,9 +184,13 @@ class PartFile:
             lambda: _write_all(fd, memoryview(full)[:filled], hasher))
 
     def _flush(self) -> None:
-        """Everything received so far written and hashed."""
-        self._drain()
+        """Everything received so far written and hashed: what is gathered is written here,
+        not handed to the writer thread (a small file would otherwise cost a thread hop)."""
         self._settle()
+        if self._filled:
+            filled, self._filled = self._filled, 0
+            with memoryview(self._pending) as gathered:
+                self._check(_write_all(self._fd, gathered[:filled], self._hasher))
 
     def _settle(self, quietly: bool = False) -> None:
         """Wait for the write in flight; its failure becomes ours unless `quietly`."""
@@ -228,22 +232,22 @@ class PartFile:
             self.journal.remove()
 
     def _flush_and_close(self, mode: int) -> None:
-        """Give the file its final mode and make its bytes durable before it gets its name.
+        """Give the file its final mode and close it, before it gets its name.
 
-        Without the fsync a crash soon after the rename could leave the final name
-        pointing at an empty or partial file, which is what this module promises never
-        to show.
+        Its bytes are not synced here: `peer.destination` makes a whole batch of verified
+        files durable at once (peer.durable) before any of them is named, so a crash can
+        never leave the final name pointing at an empty or partial file.
         """
         self._flush()
         fd = self._fd
         try:
             if hasattr(os, "fchmod"):
                 os.fchmod(fd, mode)
-            os.fsync(fd)
         except OSError as exc:
             raise DestinationError(f"cannot write {self.entry.path}: {os_reason(exc)}") from None
         self._fd = None
         os.close(fd)
+        self._pending = self._spare = None  # it may wait a while for its batch: free the buffers
 
 
 def link_or_rename(source: Path, target: Path) -> bool:

@@ -99,10 +99,21 @@ def text_selection(text: str) -> Selection:
 
 
 class _Builder:
-    def __init__(self) -> None:
+    def __init__(self, *, skip_unreadable: bool = False) -> None:
         self.entries: list[OfferEntry] = []
         self.origins: dict[str, _Origin] = {}
         self.warnings: list[str] = []
+        self.skip_unreadable = skip_unreadable
+        self.skipped: list[str] = []
+        """Offered names left out as unreadable (--skip-unreadable); the offer lists them."""
+
+    def unreadable(self, name: str, display: str, exc: OSError, *, inside: bool) -> None:
+        """A path we cannot read: the end of the scan, unless asked to leave it out (only
+        inside a directory: a path named on the command line is always wanted)."""
+        if not (inside and self.skip_unreadable):
+            raise SourceError(f"cannot read {display}: {os_reason(exc)}")
+        self.skipped.append(name)
+        self.warnings.append(f"skipped {display}: {os_reason(exc)}")
 
     def add_directory(self, name: str) -> None:
         self.entries.append(OfferEntry(DIRECTORY, name))
@@ -114,7 +125,8 @@ class _Builder:
         try:
             os.close(os.open(path, flags))
         except OSError as exc:
-            raise SourceError(f"cannot read {display}: {os_reason(exc)}") from None
+            self.unreadable(name, display, exc, inside=not follow)
+            return
         executable = bool(info.st_mode & stat.S_IXUSR)
         self.entries.append(OfferEntry(FILE, name, info.st_size, executable, file_id(info)))
         self.origins[name] = _Origin(path, display, follow)
@@ -137,15 +149,16 @@ def _check_name(name: str, display: str) -> None:
         raise SourceError(f"cannot send {display}: its name {problem}")
 
 
-def scan(paths: Iterable[str | os.PathLike[str]]) -> Selection:
+def scan(paths: Iterable[str | os.PathLike[str]], *, skip_unreadable: bool = False) -> Selection:
     """Build the offer for `paths` (files and directories), or raise SourceError.
 
     Each path is offered under its own name (``photos/`` becomes ``photos/...``).
     Symbolic links are followed when named on the command line and skipped, with a
     warning, inside directories (which also rules out loops); FIFOs, sockets and
-    devices inside directories are skipped the same way.
+    devices inside directories are skipped the same way. With `skip_unreadable`, so are
+    the files and directories inside them that cannot be read; the offer names them.
     """
-    builder = _Builder()
+    builder = _Builder(skip_unreadable=skip_unreadable)
     top_names: dict[str, str] = {}
     for given in paths:
         display = os.fspath(given)
@@ -174,7 +187,7 @@ def scan(paths: Iterable[str | os.PathLike[str]]) -> Selection:
     if not top_names:
         raise SourceError("nothing to send")
     try:
-        offer = Offer(builder.entries)
+        offer = Offer(builder.entries, skipped=tuple(builder.skipped))
     except ValueError as exc:
         raise SourceError(f"cannot send this selection: {exc}") from None
     size = len(offer.to_json())
@@ -196,7 +209,9 @@ def _walk(builder: _Builder, top_path: str, top_name: str, top_display: str) -> 
             with os.scandir(path) as listing:
                 children = sorted(listing, key=lambda child: child.name)
         except OSError as exc:
-            raise SourceError(f"cannot read {display}: {os_reason(exc)}") from None
+            builder.unreadable(name, display, exc, inside="/" in name)
+            builder.entries.pop()  # its entry, just added: nothing of it is offered
+            continue
         subdirectories = []
         for child in children:
             child_name = f"{name}/{child.name}"
@@ -207,7 +222,8 @@ def _walk(builder: _Builder, top_path: str, top_name: str, top_display: str) -> 
                     continue
                 info = child.stat(follow_symlinks=False)
             except OSError as exc:
-                raise SourceError(f"cannot read {child_display}: {os_reason(exc)}") from None
+                builder.unreadable(child_name, child_display, exc, inside=True)
+                continue
             if stat.S_ISDIR(info.st_mode):
                 _check_name(child_name, child_display)
                 subdirectories.append((child.path, child_name, child_display))

@@ -51,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="check the configuration (file, flags, TLS certificate) and exit: 0 if it is "
              "good, 2 with the file and line of the first error if not")
     config.add_arguments(parser)
+    from peer.version import VersionAction  # the one distribution's version, looked up when asked
+    parser.add_argument("--version", action=VersionAction)
     parser.add_argument("-v", "--verbose", dest="log_level", action="store_const",
                         const="debug", default=argparse.SUPPRESS,
                         help="log every packet-level decision (--log-level debug)")

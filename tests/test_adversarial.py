@@ -852,7 +852,7 @@ async def test_real_relay_process_under_a_storm(tmp_path):
             def transfer() -> tuple:
                 sender = peer("send", *relay.peer_args(), "--password", CODES[1], "payload.bin",
                               cwd=tmp_path)
-                receiver = peer("recv", *relay.peer_args(), "-y", "-o", str(tmp_path / "out"),
+                receiver = peer("recv", *relay.peer_args(), "-y", "-o", f"{tmp_path / 'out'}/",
                                 CODES[1], cwd=tmp_path)
                 return finish(sender, 45), finish(receiver, 45)
 
@@ -881,7 +881,7 @@ async def test_real_relay_process_under_a_storm(tmp_path):
         # A new pair right after the storm is served at once.
         started = time.perf_counter()
         sender = peer("send", *relay.peer_args(), "--password", CODES[2], "payload.bin", cwd=tmp_path)
-        receiver = peer("recv", *relay.peer_args(), "-y", "-o", str(tmp_path / "after"), CODES[2],
+        receiver = peer("recv", *relay.peer_args(), "-y", "-o", f"{tmp_path / 'after'}/", CODES[2],
                         cwd=tmp_path)
         (s2, _, s2_err), (r2, _, r2_err) = finish(sender, 30), finish(receiver, 30)
         after_storm = time.perf_counter() - started

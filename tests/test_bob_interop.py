@@ -92,7 +92,7 @@ def single_file_pack(name: str, data: bytes):
 async def test_receive_a_file_from_bob(relay_process, tmp_path):
     data = os.urandom(3 * 1024 * 1024 + 7)
     out = tmp_path / "out"
-    receiver = peer("recv", *relay_process.peer_args(), "-y", "-o", str(out), BOB_PASSWORD, cwd=tmp_path)
+    receiver = peer("recv", *relay_process.peer_args(), "-y", "-o", f"{out}/", BOB_PASSWORD, cwd=tmp_path)
     with trio.fail_after(60):
         await bob_sender(relay_process, BOB_PASSWORD, single_file_pack("photo.jpg", data))
     status, _, err = await trio.to_thread.run_sync(finish, receiver)
@@ -110,7 +110,7 @@ async def test_receive_a_directory_from_bob(relay_process, tmp_path):
     (src / "sub" / "deeper" / "c").write_bytes(b"")
     directory = pack.directory_pack(src)
     out = tmp_path / "out"
-    receiver = peer("recv", *relay_process.peer_args(), "-y", "-o", str(out), BOB_PASSWORD, cwd=tmp_path)
+    receiver = peer("recv", *relay_process.peer_args(), "-y", "-o", f"{out}/", BOB_PASSWORD, cwd=tmp_path)
     with trio.fail_after(60):
         await bob_sender(relay_process, BOB_PASSWORD, directory.records(4))
     status, _, err = await trio.to_thread.run_sync(finish, receiver)
@@ -125,7 +125,7 @@ async def test_a_corrupted_bob_pack_writes_nothing(relay_process, tmp_path):
     records = list(single_file_pack("x.bin", os.urandom(100_000)))
     records[-1] = bytes(20)  # a wrong SHA-1 trailer
     out = tmp_path / "out"
-    receiver = peer("recv", *relay_process.peer_args(), "-y", "-o", str(out), BOB_PASSWORD, cwd=tmp_path)
+    receiver = peer("recv", *relay_process.peer_args(), "-y", "-o", f"{out}/", BOB_PASSWORD, cwd=tmp_path)
     with trio.fail_after(60):
         await bob_sender(relay_process, BOB_PASSWORD, records)
     status, _, err = await trio.to_thread.run_sync(finish, receiver)

@@ -286,7 +286,7 @@ def test_as_typed_tries_the_code(relay_process, tmp_path):
         text=True, env=child_env(),
     )
     try:
-        received = _peer("recv", *relay_process.peer_args(), "-y", "--as-typed", "-o", str(out), code)
+        received = _peer("recv", *relay_process.peer_args(), "-y", "--as-typed", "-o", f"{out}/", code)
         assert received.returncode == 0, received.stderr
         assert (out / "hello.txt").read_text() == "hello\n"
         assert sender.wait(60) == 0

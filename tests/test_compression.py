@@ -201,7 +201,7 @@ def test_forced_modes():
 def send_and_receive(relay, tmp_path, name, *send_options):
     out = tmp_path / "out"
     sender = peer("send", *relay.peer_args(), "--password", CODE, *send_options, name, cwd=tmp_path)
-    receiver = peer("recv", *relay.peer_args(), "-y", "-o", str(out), "--overwrite", CODE, cwd=tmp_path)
+    receiver = peer("recv", *relay.peer_args(), "-y", "-o", f"{out}/", "--overwrite", CODE, cwd=tmp_path)
     r, _, r_err = finish(receiver)
     s, _, s_err = finish(sender)
     assert (s, r) == (0, 0), s_err + r_err

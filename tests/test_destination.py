@@ -21,6 +21,13 @@ from peer.partfile import PART_SUFFIX
 HOSTILE = ["../x", "/etc/passwd", "a/../../b", "..", "C:\\x", "a\\..\\b", "a\0b", "c:x", "./a", "a/./b", "", "a//b"]
 
 
+@pytest.fixture(autouse=True)
+def named_at_commit(monkeypatch):
+    """These tests look at each file right after its commit: with no batch to wait for, it is
+    named there (how batches of small files are named is tests/test_small_files.py's)."""
+    monkeypatch.setattr(destination_module, "SYNC_BATCH_BYTES", 0)
+
+
 def file_entry(path: str, size: int = 0, executable: bool = False) -> OfferEntry:
     return OfferEntry(FILE, path, size, executable)
 

@@ -148,7 +148,7 @@ async def transfer(relay_process, tmp_path, nursery, *, sender_room: Relay | Non
         port = await nursery.start(serve_proxy, relay_process.port, receiver_handshake)
         recv_args = ["--relay", f"127.0.0.1:{port}", "--secure-port", str(relay_process.secure_port)]
     sender = peer("send", *send_args, "--password", CODE, "payload.bin", cwd=tmp_path)
-    receiver = peer("recv", *recv_args, "-y", "-o", str(tmp_path / "out"), CODE, cwd=tmp_path)
+    receiver = peer("recv", *recv_args, "-y", "-o", f"{tmp_path / 'out'}/", CODE, cwd=tmp_path)
     sent = await trio.to_thread.run_sync(finish, sender)
     received = await trio.to_thread.run_sync(finish, receiver)
     return sent, received, data
@@ -203,7 +203,7 @@ async def test_a_late_hello_and_its_ack_confirm_a_directory_pack(relay_process, 
         with trio.fail_after(60):
             sender = peer("send", "--relay", relay_process.address, "--secure-port", str(port),
                           "--password", CODE, "album", cwd=tmp_path)
-            receiver = peer("recv", *relay_process.peer_args(), "-y", "-o", str(tmp_path / "out"), CODE, cwd=tmp_path)
+            receiver = peer("recv", *relay_process.peer_args(), "-y", "-o", f"{tmp_path / 'out'}/", CODE, cwd=tmp_path)
             status, _, err = await trio.to_thread.run_sync(finish, sender)
             rstatus, _, rerr = await trio.to_thread.run_sync(finish, receiver)
         nursery.cancel_scope.cancel()

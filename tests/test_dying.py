@@ -23,6 +23,11 @@ def journal_chunks(out) -> int:
     return sum(line.startswith(b"chunk ") for line in journals[0].read_bytes().split(b"\n")) if journals else 0
 
 
+def part_bytes(out) -> int:
+    parts = list(out.glob("*.peer-part")) if out.exists() else []
+    return parts[0].stat().st_size if parts else 0
+
+
 def read_until(process: subprocess.Popen, pattern: bytes, timeout: float = 60.0) -> bytes:
     """The process's stderr so far, once it holds `pattern`; fails after `timeout`."""
     seen = b""
@@ -42,13 +47,15 @@ def read_until(process: subprocess.Popen, pattern: bytes, timeout: float = 60.0)
 def test_a_relay_killed_mid_transfer_is_blamed_and_the_partial_is_kept(tmp_path):
     (tmp_path / "big.bin").write_bytes(os.urandom(64 * MiB))
     out = tmp_path / "out"
+    out.mkdir()
     relay = start_relay()
     try:
         sender = peer("send", *relay.peer_args(), "--password", CODE, "--limit-rate", "24M", "--no-compress",
                       "big.bin", cwd=tmp_path)
-        receiver = peer("recv", *relay.peer_args(), "-y", "-o", str(out), CODE, cwd=tmp_path)
+        receiver = peer("recv", *relay.peer_args(), "-y", "-o", f"{out}/", CODE, cwd=tmp_path)
         deadline = time.monotonic() + 60
-        while journal_chunks(out) < 1:
+        # A verified chunk (16 MiB) is in the journal, or at least on its way to the disk.
+        while journal_chunks(out) < 1 and part_bytes(out) < 24 * MiB:
             assert receiver.poll() is None and time.monotonic() < deadline, "no verified chunk"
             time.sleep(0.01)
         relay.process.kill()
@@ -71,9 +78,10 @@ def test_a_relay_killed_mid_transfer_is_blamed_and_the_partial_is_kept(tmp_path)
 def test_a_receiver_at_the_prompt_learns_at_once_that_the_sender_is_gone(relay_process, tmp_path):
     (tmp_path / "f.txt").write_text("unwanted")
     out = tmp_path / "out"
+    out.mkdir()
     sender = peer("send", *relay_process.peer_args(), "--password", CODE, "f.txt", cwd=tmp_path)
     # Nobody answers the prompt: stdin is a pipe we never write to nor close.
-    receiver = peer("recv", *relay_process.peer_args(), "-o", str(out), CODE, cwd=tmp_path, stdin=subprocess.PIPE)
+    receiver = peer("recv", *relay_process.peer_args(), "-o", f"{out}/", CODE, cwd=tmp_path, stdin=subprocess.PIPE)
     try:
         seen = read_until(receiver, rb"Accept\? \[Y/n\]: ")
         sender.send_signal(signal.SIGKILL)

@@ -182,7 +182,7 @@ class World:
         if role == "send":
             process = peer("send", *self.peer_args(), "--password", code, what, cwd=self.tmp)
         else:
-            process = peer("recv", *self.peer_args(), "-y", "-o", str(out), code, cwd=self.tmp)
+            process = peer("recv", *self.peer_args(), "-y", "-o", f"{out}/", code, cwd=self.tmp)
         self.processes.append(process)
         return process
 

@@ -101,7 +101,7 @@ async def test_a_receiver_stops_after_three_senders_fail_to_prove_its_code(tmp_p
     receiver = None
     fakes: list[FakeSender] = []
     try:
-        receiver = peer("recv", *relay.peer_args(), "-y", "-o", str(tmp_path / "out"), CODE,
+        receiver = peer("recv", *relay.peer_args(), "-y", "-o", f"{tmp_path / 'out'}/", CODE,
                         cwd=tmp_path)
         address = _address(relay)
         # One after the other, each well inside the receiver's wrong-code grace period: it

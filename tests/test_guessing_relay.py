@@ -460,7 +460,7 @@ async def test_end_to_end_a_guesser_cannot_make_two_waiting_senders_give_up(tmp_
         # An honest receiver on another address still gets each file.
         for n, code in enumerate(CODES):
             out = tmp_path / f"out{n}"
-            receiver = peer("recv", *relay.peer_args(), "-y", "-o", str(out), code, cwd=tmp_path)
+            receiver = peer("recv", *relay.peer_args(), "-y", "-o", f"{out}/", code, cwd=tmp_path)
             r, _, r_err = await trio.to_thread.run_sync(finish, receiver, 60.0)
             s, _, s_err = await trio.to_thread.run_sync(finish, sending[n], 60.0)
             assert (r, s) == (0, 0), r_err + s_err

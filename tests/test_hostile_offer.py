@@ -13,7 +13,6 @@ import json
 import os
 import stat
 import subprocess
-import time
 import unicodedata
 from pathlib import Path
 
@@ -104,11 +103,15 @@ def test_no_executable_bit_unless_kept(tmp_path):
     plain = Destination(tmp_path / "plain")
     (tmp_path / "plain").mkdir()
     plain.plan(offer)
-    assert mode(receive(plain, offer.entries[0], b"#!")) & 0o111 == 0
+    path = receive(plain, offer.entries[0], b"#!")
+    plain.finish()  # files are named with their batch
+    assert mode(path) & 0o111 == 0
     kept = Destination(tmp_path / "kept", keep_modes=True)
     (tmp_path / "kept").mkdir()
     kept.plan(offer)
-    assert mode(receive(kept, offer.entries[0], b"#!")) & 0o100
+    path = receive(kept, offer.entries[0], b"#!")
+    kept.finish()
+    assert mode(path) & 0o100
 
 
 def test_the_listing_shows_every_top_level_item_and_every_hidden_path():
@@ -148,17 +151,19 @@ def test_an_empty_line_that_is_not_from_a_terminal_asks_again(monkeypatch):
 # --- finding 7 and the million-entry offer: linear, and capped -----------------------------
 
 
-def test_rename_planning_of_40000_top_level_files_is_linear(tmp_path):
-    """It took 285 s in the report (about 90 s here); now about a second. The bound is
-    generous for a loaded machine, not a measurement."""
+def test_rename_planning_of_40000_top_level_files_is_linear(tmp_path, monkeypatch):
+    """It took 285 s in the report (about 90 s here); now about a second. What is asserted
+    is the count of name lookups, linear in the offer (seconds belong in bench/)."""
     entries = [file_entry(f"f{i}.txt", 1) for i in range(40_000)]
     for name in ("f1.txt", "f2.txt", "f1 (1).txt"):
         (tmp_path / name).write_text("x")
     offer = Offer(entries)
     destination = Destination(tmp_path, rename=True)
-    start = time.monotonic()
+    lookups = []
+    real_lexists = os.path.lexists
+    monkeypatch.setattr(os.path, "lexists", lambda path: lookups.append(path) or real_lexists(path))
     destination.plan(offer)
-    assert time.monotonic() - start < 30
+    assert len(lookups) <= 3 * len(entries)
     assert destination.renamed == {"f1.txt": "f1 (2).txt", "f2.txt": "f2 (1).txt"}
 
 
@@ -294,7 +299,7 @@ def exchange(relay, tmp_path: Path, out: Path, *recv_args: str) -> tuple[tuple, 
     names = hostile_tree(source)
     sender = peer("send", *relay.peer_args(), "--password", CODE, *names, cwd=source)
     try:
-        receiver = peer("recv", *relay.peer_args(), "-o", str(out), *recv_args, CODE, cwd=tmp_path,
+        receiver = peer("recv", *relay.peer_args(), "-o", f"{out}/", *recv_args, CODE, cwd=tmp_path,
                         stdin=subprocess.DEVNULL)
         received = finish(receiver)
     finally:

@@ -120,7 +120,7 @@ def test_a_transfer_through_nginx_to_a_tcp_peer(nginx_in_front, tmp_path):
     trust = {"SSL_CERT_FILE": str(certificates.ca)}
     sending = peer("send", *through_nginx, "--password", CODE, "data.bin", cwd=tmp_path, **trust)
     time.sleep(0.3)
-    receiving = peer("recv", *relay.tcp_args(), "-y", "-o", str(out), CODE, cwd=tmp_path)
+    receiving = peer("recv", *relay.tcp_args(), "-y", "-o", f"{out}/", CODE, cwd=tmp_path)
     r, _, r_err = finish(receiving)
     s, _, s_err = finish(sending)
     assert (s, r) == (0, 0), s_err + r_err
@@ -137,7 +137,7 @@ def test_both_peers_through_nginx(nginx_in_front, tmp_path):
     trust = {"SSL_CERT_FILE": str(certificates.ca)}
     sending = peer("send", *through_nginx, "--password", CODE, "note.txt", cwd=tmp_path, **trust)
     time.sleep(0.3)
-    receiving = peer("recv", *through_nginx, "-y", "-o", str(out), CODE, cwd=tmp_path, **trust)
+    receiving = peer("recv", *through_nginx, "-y", "-o", f"{out}/", CODE, cwd=tmp_path, **trust)
     r, _, r_err = finish(receiving)
     s, _, s_err = finish(sending)
     assert (s, r) == (0, 0), s_err + r_err

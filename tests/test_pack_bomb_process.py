@@ -84,7 +84,7 @@ async def run(relay, tmp_path: Path, data: bytes, *, bob: bool) -> tuple[int, st
     temp.mkdir()
     out.mkdir()
     options = ["-y"] if bob else []  # ours asks, and end of input (stdin is /dev/null) declines
-    receiver = peer("recv", *relay.peer_args(), *options, "-o", str(out), PASSWORD, cwd=tmp_path, TMPDIR=str(temp))
+    receiver = peer("recv", *relay.peer_args(), *options, "-o", f"{out}/", PASSWORD, cwd=tmp_path, TMPDIR=str(temp))
     peak = 0
     try:
         with trio.fail_after(60):

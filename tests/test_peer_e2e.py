@@ -38,7 +38,7 @@ def failure_lines(err: str) -> list[str]:
 def transfer_through(relay, tmp_path: Path, *paths: str, code: str = CODE, recv_extra=()):
     out = tmp_path / "out"
     sender = peer("send", *relay.peer_args(), "--password", code, *paths, cwd=tmp_path)
-    receiver = peer("recv", *relay.peer_args(), "-y", "-o", str(out), *recv_extra, code, cwd=tmp_path)
+    receiver = peer("recv", *relay.peer_args(), "-y", "-o", f"{out}/", *recv_extra, code, cwd=tmp_path)
     return finish(sender), finish(receiver), out
 
 
@@ -78,7 +78,7 @@ def test_wrong_code_fails_on_both_sides_and_writes_nothing(relay_process, tmp_pa
     out = tmp_path / "out"
     sender = peer("send", *relay_process.peer_args(), "--max-attempts", "1", "--password", CODE, "f.txt", cwd=tmp_path)
     time.sleep(0.5)
-    receiver = peer("recv", *relay_process.peer_args(), "-y", "-o", str(out), "123-cobalt-lemon-walrus", cwd=tmp_path)
+    receiver = peer("recv", *relay_process.peer_args(), "-y", "-o", f"{out}/", "123-cobalt-lemon-walrus", cwd=tmp_path)
     r, _, r_err = finish(receiver)
     s, _, s_err = finish(sender)
     assert r == 1 and s == 1
@@ -93,9 +93,9 @@ def test_a_mistyped_code_can_be_retried(relay_process, tmp_path):
     out = tmp_path / "out"
     sender = peer("send", *relay_process.peer_args(), "--password", CODE, "f.txt", cwd=tmp_path)
     time.sleep(0.5)
-    wrong = peer("recv", *relay_process.peer_args(), "-y", "-o", str(out), "123-cobalt-lemon-walrus", cwd=tmp_path)
+    wrong = peer("recv", *relay_process.peer_args(), "-y", "-o", f"{out}/", "123-cobalt-lemon-walrus", cwd=tmp_path)
     assert finish(wrong)[0] == 1
-    right = peer("recv", *relay_process.peer_args(), "-y", "-o", str(out), CODE, cwd=tmp_path)
+    right = peer("recv", *relay_process.peer_args(), "-y", "-o", f"{out}/", CODE, cwd=tmp_path)
     r, _, r_err = finish(right)
     s, _, s_err = finish(sender)
     assert (s, r) == (0, 0), s_err + r_err
@@ -107,7 +107,7 @@ def test_receiver_declines(relay_process, tmp_path):
     (tmp_path / "f.txt").write_text("unwanted")
     out = tmp_path / "out"
     sender = peer("send", *relay_process.peer_args(), "--password", CODE, "f.txt", cwd=tmp_path)
-    receiver = peer("recv", *relay_process.peer_args(), "-o", str(out), CODE, cwd=tmp_path, stdin=subprocess.PIPE)
+    receiver = peer("recv", *relay_process.peer_args(), "-o", f"{out}/", CODE, cwd=tmp_path, stdin=subprocess.PIPE)
     receiver.stdin.write(b"n\n")
     receiver.stdin.flush()
     r, _, r_err = finish(receiver)
@@ -123,7 +123,7 @@ def test_sender_killed_mid_transfer_leaves_nothing_without_resume(relay_process,
     out = tmp_path / "out"
     sender = peer("send", *relay_process.peer_args(), "--password", CODE, "huge.bin", cwd=tmp_path)
     # A slow reader: the receiver writes through a pipe we do not drain until the kill.
-    receiver = peer("recv", *relay_process.peer_args(), "-y", "--no-resume", "-o", str(out), CODE, cwd=tmp_path)
+    receiver = peer("recv", *relay_process.peer_args(), "-y", "--no-resume", "-o", f"{out}/", CODE, cwd=tmp_path)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         parts = list(out.glob("*.peer-part")) if out.exists() else []
@@ -151,7 +151,7 @@ def test_two_senders_one_receiver_gets_the_right_file(relay_process, tmp_path):
     a = peer("send", *relay_process.peer_args(), "--password", "123-apple-grape-melon", "a.txt", cwd=tmp_path)
     b = peer("send", *relay_process.peer_args(), "--password", CODE, "b.txt", cwd=tmp_path)
     time.sleep(1.0)
-    receiver = peer("recv", *relay_process.peer_args(), "-y", "-o", str(out), CODE, cwd=tmp_path)
+    receiver = peer("recv", *relay_process.peer_args(), "-y", "-o", f"{out}/", CODE, cwd=tmp_path)
     r, _, r_err = finish(receiver)
     s, _, s_err = finish(b)
     assert (r, s) == (0, 0), r_err + s_err
@@ -208,7 +208,7 @@ def test_embedded_relay_prints_the_command_to_type(tmp_path):
     port = words[3].rsplit(":", 1)[1]
     extra = words[4:6] if words[4] == "--secure-port" else []
     out = tmp_path / "out"
-    receiver = peer("recv", "--relay", f"127.0.0.1:{port}", *extra, "-y", "-o", str(out), CODE, cwd=tmp_path)
+    receiver = peer("recv", "--relay", f"127.0.0.1:{port}", *extra, "-y", "-o", f"{out}/", CODE, cwd=tmp_path)
     r, _, r_err = finish(receiver)
     s, _, s_err = finish(sender)
     assert (s, r) == (0, 0), s_err + r_err
@@ -220,7 +220,7 @@ async def test_hostile_sender_names_are_refused(relay_process, tmp_path, hostile
     """A scripted sender that bypasses our Offer checks and lists a name escaping the destination."""
     out = tmp_path / "dest" / "out"
     out.mkdir(parents=True)
-    receiver = peer("recv", *relay_process.peer_args(), "-y", "-o", str(out), CODE, cwd=tmp_path)
+    receiver = peer("recv", *relay_process.peer_args(), "-y", "-o", f"{out}/", CODE, cwd=tmp_path)
     address = RelayAddress("127.0.0.1", relay_process.port, relay_process.secure_port)
     with trio.fail_after(30):
         meeting = await meet(address, handshake.SenderHandshake(CODE.encode()), notify=lambda e: None)
@@ -249,7 +249,7 @@ def test_text_message_is_printed_by_the_receiver_and_nothing_is_written(relay_pr
     message = "Meet at 10:30\nroom B\u00e9\t\x1b[31mred\x1b[0m"
     out = tmp_path / "out"
     sender = peer("send", *relay_process.peer_args(), "--password", CODE, "--text", message, cwd=tmp_path)
-    receiver = peer("recv", *relay_process.peer_args(), "-y", "-o", str(out), CODE, cwd=tmp_path)
+    receiver = peer("recv", *relay_process.peer_args(), "-y", "-o", f"{out}/", CODE, cwd=tmp_path)
     r, r_out, r_err = finish(receiver)
     s, _, s_err = finish(sender)
     assert (s, r) == (0, 0), s_err + r_err

@@ -65,7 +65,7 @@ def test_a_slow_pipe_is_sent_as_it_comes_and_saved_under_its_name(relay_process,
                   cwd=tmp_path, stdin=subprocess.PIPE)
     writer = feed(sender, lines, pause=0.05)
     out = tmp_path / "out"
-    receiver = peer("recv", *relay_process.peer_args(), "-y", "-o", str(out), CODE, cwd=tmp_path)
+    receiver = peer("recv", *relay_process.peer_args(), "-y", "-o", f"{out}/", CODE, cwd=tmp_path)
     r, _, r_err = finish(receiver)
     writer.join(30)
     s, _, s_err = finish(sender)

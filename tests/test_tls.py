@@ -145,7 +145,7 @@ def test_peer_processes_over_tls(tls_relay, certificates, tmp_path, sender, rece
     out = tmp_path / "out"
     sending = peer("send", *args[sender], "--password", code, "data.bin", cwd=tmp_path, **trust)
     time.sleep(0.3)
-    receiving = peer("recv", *args[receiver], "-y", "-o", str(out), code, cwd=tmp_path, **trust)
+    receiving = peer("recv", *args[receiver], "-y", "-o", f"{out}/", code, cwd=tmp_path, **trust)
     r, _, r_err = finish(receiving)
     s, _, s_err = finish(sending)
     assert (s, r) == (0, 0), s_err + r_err
@@ -155,7 +155,7 @@ def test_peer_processes_over_tls(tls_relay, certificates, tmp_path, sender, rece
 @pytest.mark.parametrize("scheme", ["tls", "wss"])
 def test_a_peer_that_cannot_verify_the_relay_exits_1_with_one_line(tls_relay, other_ca, tmp_path, scheme):
     args = tls_relay.tcp_args("tls") if scheme == "tls" else tls_relay.ws_args("wss")
-    receiving = peer("recv", *args, "-y", "-o", str(tmp_path / "out"), CODE, cwd=tmp_path,
+    receiving = peer("recv", *args, "-y", "-o", f"{tmp_path / 'out'}/", CODE, cwd=tmp_path,
                      SSL_CERT_FILE=str(other_ca.ca))
     r, _, r_err = finish(receiving)
     assert r == 1

@@ -1,6 +1,5 @@
 """UID pool: unique while live, next-fit reuse, exhaustion detected exactly."""
 
-import time
 
 import pytest
 from hypothesis import given, settings
@@ -55,7 +54,6 @@ def test_exhaustion_of_a_small_pool_and_recovery():
 
 def test_the_real_pool_holds_exactly_65535():
     pool = UidPool()
-    start = time.perf_counter()
     uids = [pool.allocate() for _ in range(MAX_SIZE)]
     assert uids == list(range(1, 0x10000))
     assert pool.allocate() is None
@@ -66,7 +64,6 @@ def test_the_real_pool_holds_exactly_65535():
     pool.release(0xFFFF)
     assert pool.allocate() == 0xFFFF
     assert pool.allocate() is None
-    assert time.perf_counter() - start < 2.0
 
 
 def test_block_boundaries():

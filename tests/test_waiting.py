@@ -52,14 +52,22 @@ class Terminal:
         os.write(self.master, text)
 
     def finish(self, timeout: float = 60.0) -> int:
+        """Wait for the exit, reading the screen to its end (what the child wrote last may
+        still be in the pty after it exited); the status, or a failure after `timeout`."""
         deadline = time.monotonic() + timeout
-        while self.process.poll() is None and time.monotonic() < deadline:
-            ready, _, _ = select.select([self.master], [], [], 0.2)
+        while time.monotonic() < deadline:
+            exited = self.process.poll() is not None
+            ready, _, _ = select.select([self.master], [], [], 0 if exited else 0.2)
             if ready:
                 try:
-                    self.screen += os.read(self.master, 65536)
-                except OSError:
-                    break
+                    chunk = os.read(self.master, 65536)
+                except OSError:  # EIO: every writer is gone and all was read
+                    chunk = b""
+                self.screen += chunk
+                if chunk:
+                    continue
+            if exited:
+                break
         try:
             return self.process.wait(max(deadline - time.monotonic(), 1))
         finally:
@@ -73,7 +81,8 @@ class Terminal:
 def test_a_receiver_started_first_says_what_it_waits_for_on_one_updating_line(relay_process, tmp_path):
     (tmp_path / "hello.txt").write_text("hello\n")
     out = tmp_path / "out"
-    receiver = Terminal("recv", *relay_process.peer_args(), "-y", "-o", str(out), CODE, cwd=tmp_path)
+    out.mkdir()  # an existing directory: saved into it
+    receiver = Terminal("recv", *relay_process.peer_args(), "-y", "-o", f"{out}/", CODE, cwd=tmp_path)
     try:
         screen = receiver.read_until(rb"Waiting for the sender\.\.\.")
         # Nobody sends yet: the receiver says so, on one line rewritten in place.
@@ -105,7 +114,8 @@ def test_a_receiver_started_first_says_what_it_waits_for_on_one_updating_line(re
 def test_quiet_prints_no_status(relay_process, tmp_path):
     (tmp_path / "f.txt").write_text("x")
     out = tmp_path / "out"
-    receiver = peer("recv", *relay_process.peer_args(), "-q", "-y", "-o", str(out), CODE, cwd=tmp_path)
+    out.mkdir()
+    receiver = peer("recv", *relay_process.peer_args(), "-q", "-y", "-o", f"{out}/", CODE, cwd=tmp_path)
     sender = peer("send", *relay_process.peer_args(), "-q", "--password", CODE, "f.txt", cwd=tmp_path)
     (r, _, r_err), (s, _, s_err) = finish(receiver), finish(sender)
     assert (r, s) == (0, 0), r_err + s_err
@@ -115,9 +125,10 @@ def test_quiet_prints_no_status(relay_process, tmp_path):
 def test_the_sender_is_asked_only_with_confirm(relay_process, tmp_path):
     (tmp_path / "f.txt").write_text("data")
     out = tmp_path / "out"
+    out.mkdir()
     # On a terminal, without --confirm: nobody answers, and the transfer goes through.
     sender = Terminal("send", *relay_process.peer_args(), "--password", CODE, "f.txt", cwd=tmp_path)
-    receiver = peer("recv", *relay_process.peer_args(), "-y", "-o", str(out), CODE, cwd=tmp_path)
+    receiver = peer("recv", *relay_process.peer_args(), "-y", "-o", f"{out}/", CODE, cwd=tmp_path)
     r, _, r_err = finish(receiver)
     assert sender.finish() == 0, sender.screen
     assert r == 0, r_err
@@ -128,7 +139,7 @@ def test_the_sender_is_asked_only_with_confirm(relay_process, tmp_path):
     # With --confirm, the sender is asked, and the receiver waits for the answer, saying so.
     (out / "f.txt").unlink()
     sender = Terminal("send", *relay_process.peer_args(), "--confirm", "--password", CODE, "f.txt", cwd=tmp_path)
-    receiver = peer("recv", *relay_process.peer_args(), "-y", "-o", str(out), CODE, cwd=tmp_path)
+    receiver = peer("recv", *relay_process.peer_args(), "-y", "-o", f"{out}/", CODE, cwd=tmp_path)
     try:
         sender.read_until(rb"Send f\.txt \(4 B\) to .*\? Verification " + CHECK.encode() + rb"\. \[Y/n\]: ")
         sender.type(b"y\n")

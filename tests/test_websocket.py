@@ -371,7 +371,7 @@ def test_peer_processes_across_transports(ws_relay, tmp_path, sender, receiver):
     code = f"{ {'tcp': 4, 'ws': 5}[sender] }12-cobalt-lemon-unicycle".replace(" ", "")
     sending = peer("send", *args[sender], "--password", code, "data.bin", cwd=tmp_path)
     time.sleep(0.3)
-    receiving = peer("recv", *args[receiver], "-y", "-o", str(out), code, cwd=tmp_path)
+    receiving = peer("recv", *args[receiver], "-y", "-o", f"{out}/", code, cwd=tmp_path)
     r, _, r_err = finish(receiving)
     s, _, s_err = finish(sending)
     assert (s, r) == (0, 0), s_err + r_err

@@ -1,0 +1,20 @@
+"""The code as a QR code in the terminal, so that a phone can read it instead of a person.
+
+It holds the code itself, exactly as printed. When the relay is a WebSocket relay it should
+one day hold the browser link ``https://RELAY/#receive/CODE`` instead, but no such page
+exists yet: a link to nothing would be worse than the code. Drawn by segno (well kept, pure
+Python, no image library) with half blocks, two rows of modules per line of text.
+"""
+
+from __future__ import annotations
+
+import io
+
+
+def render(code: str) -> str:
+    """The QR code of ``code`` as lines of text, ready for a terminal."""
+    import segno  # only when a QR code is drawn: the sender's other paths do not pay for it
+
+    out = io.StringIO()
+    segno.make(code, micro=False).terminal(out=out, compact=True, border=2)
+    return out.getvalue()
