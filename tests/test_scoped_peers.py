@@ -127,7 +127,7 @@ async def _transfer(tmp_path: Path, relay_args: list[str], code: str = CODE) -> 
     (tmp_path / "f.bin").write_bytes(data)
     out = tmp_path / "out"
     sender = peer("send", *relay_args, "--password", code, "f.bin", cwd=tmp_path)
-    receiver = peer("recv", *relay_args, "-y", "-o", str(out), code, cwd=tmp_path)
+    receiver = peer("recv", *relay_args, "-y", "-o", f"{out}/", code, cwd=tmp_path)
     r = await trio.to_thread.run_sync(finish, receiver, PROCESS_LIMIT)
     s = await trio.to_thread.run_sync(finish, sender, PROCESS_LIMIT)
     return s, r, data, out / "f.bin"
