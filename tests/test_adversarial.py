@@ -47,8 +47,10 @@ from relay.server import ROOM_INVALID, ROOM_TIMEOUT
 from processes import finish, peer, start_relay, stop_relay
 
 LONG = os.environ.get("PEER_RELAY_LONG") == "1"
-PROBE_BOUND = 2.0
-"""Seconds within which a new receiver must get its identity (03), whatever else goes on."""
+PROBE_BOUND = 15.0
+"""Seconds within which a new receiver must get its identity (03), whatever else goes on: a
+liveness deadline, generous for a loaded CI host, not a latency target. The worst latency
+is printed (docs/reliability.md's figures) rather than asserted."""
 
 NAMEPLATES = (901, 902, 903)
 CODES = tuple(f"{n}-cobalt-lemon-unicycle" for n in NAMEPLATES)
@@ -777,10 +779,10 @@ def rss_bytes(pid: int) -> int:
 
 STORM_RSS_BOUND = 64 << 20
 """Bytes the relay process may grow by while a few hundred hostile connections hammer it."""
-STORM_PROBE_BOUND = 5.0
-"""Seconds for a Hello answer during the storm. Looser than PROBE_BOUND: here the relay is a
-process of its own, and on a small shared machine starting the two peer processes alone
-starves it of CPU for up to two seconds (measured on 2 cores)."""
+STORM_PROBE_BOUND = 30.0
+"""Seconds for a Hello answer during the storm: a liveness deadline like PROBE_BOUND, looser
+because here the relay is a process of its own, and on a small shared machine starting the
+two peer processes alone starves it of CPU for up to two seconds (measured on 2 cores)."""
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs /proc")
