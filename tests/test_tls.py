@@ -97,7 +97,7 @@ async def test_stalled_tls_handshakes_are_closed_while_a_transfer_completes(cert
                 ca = str(certificates.ca)
                 await exchange(tcp_address(ports, "tls", cacert=ca), ws_address(ports, "wss", cacert=ca))
     assert len(waited) == 3
-    assert all(1.9 < seconds < 10 for seconds in waited.values()), waited
+    assert all(1.9 < seconds < 30 for seconds in waited.values()), waited
 
 
 async def test_plain_tcp_to_a_tls_port_fails_without_harm(certificates):
