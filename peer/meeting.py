@@ -17,7 +17,7 @@ from relay import wire
 
 from . import handshake
 from .address import RelayAddress
-from .rendezvous import RelayError, RelayLink, open_room
+from .rendezvous import HELLO_PATIENCE, RelayError, RelayLink, open_room
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +117,10 @@ async def _read_frames(link: RelayLink, to_handler: trio.MemorySendChannel) -> N
 
 
 async def _handle(link, machine, pending, inbox, notify, decide, on_registered) -> Outcome:
+    # Another service at the relay's address may accept and say nothing: a relay answers
+    # a Hello at once, so past HELLO_PATIENCE the address is not a relay. (A receiver's
+    # scoped Hello falls back to 01 on a new connection first: its own deadline is shorter.)
+    hello_by = trio.current_time() + HELLO_PATIENCE
     while True:
         while pending:
             event = pending.pop(0)
@@ -150,6 +154,10 @@ async def _handle(link, machine, pending, inbox, notify, decide, on_registered) 
                 pending.extend(machine.tick(trio.current_time()))
                 await trio.sleep(WORK_PAUSE)
                 continue
+            if not link.answered:
+                if trio.current_time() >= hello_by:
+                    raise link.unanswered(HELLO_PATIENCE)
+                deadline = hello_by if deadline is None else min(deadline, hello_by)
             batch = None
             with trio.move_on_at(math.inf if deadline is None else deadline):
                 batch = await inbox.receive()

@@ -13,6 +13,7 @@ the name and WebSocket still sends it as the Host.
 from __future__ import annotations
 
 import errno
+import re
 import socket
 import ssl
 
@@ -54,8 +55,12 @@ def _describe(error: BaseException) -> str:
     return str(error) or type(error).__name__
 
 
-def _shown(host: str, port: int) -> str:
+def shown_address(host: str, port: int) -> str:
+    """``host:port`` as a user types it (brackets around an IPv6 address)."""
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+_shown = shown_address
 
 
 async def connect(host: str, port: int, *, what: str = "the relay") -> trio.SocketStream:
@@ -132,7 +137,27 @@ async def _upgrade(stream: trio.abc.Stream, address: RelayAddress, room: bool,
         return await websocket_connect(stream, host=address.host_header(), path=endpoint)
     except WebSocketError as error:
         await trio.aclose_forcefully(stream)
+        answer = _web_page(str(error))
+        if answer is not None:
+            raise RelayError(f"{address} is not a peer-relay relay (it answered the WebSocket "
+                             f"upgrade with {answer})") from None
         raise RelayError(f"{where}: {error}") from None
+
+
+_REFUSAL = re.compile(r"refused the WebSocket upgrade \((\d+)\)(?:: (.*))?$")
+
+
+def _web_page(refusal: str) -> str | None:
+    """``HTTP 404: Not Found`` when an upgrade was answered the way a web server answers a
+    page (a success, a redirect, or a 404 that is not our relay's "no such endpoint"); None
+    for the refusals a relay (or a proxy in front of one) sends: those say why themselves."""
+    match = _REFUSAL.search(refusal)
+    if match is None:
+        return None
+    status, body = int(match[1]), match[2] or ""
+    if status >= 400 and not (status == 404 and "no such endpoint" not in body):
+        return None
+    return f"HTTP {status}: {body}" if body else f"HTTP {status}"
 
 
 def _tls_failure(error: BaseException) -> str:
