@@ -384,11 +384,16 @@ async def _send(args, console: Console) -> int:
             address, shown = await _embedded_relay(nursery, args)
         else:
             shown = None if from_env else address
-        _announce(console, text, generated, shown)
-        if generated and (args.qr if args.qr is not None else sys.stdout.isatty() and not args.quiet):
-            print(qr.render(text), end="", file=sys.stderr, flush=True)
+
+        async def announce() -> None:
+            # Only once the relay answered: nobody reads a code aloud for a relay that is down.
+            console.status.clear()
+            _announce(console, text, generated, shown)
+            if generated and (args.qr if args.qr is not None else sys.stdout.isatty() and not args.quiet):
+                print(qr.render(text), end="", file=sys.stderr, flush=True)
+
         try:
-            return await _send_through(address, password, selection, args, console)
+            return await _send_through(address, password, selection, args, console, announce)
         finally:
             nursery.cancel_scope.cancel()
 
@@ -425,11 +430,12 @@ def _announce(console: Console, text: str, generated: bool, shown: RelayAddress 
     console.info("On the other machine run: " + " ".join(command))
 
 
-async def _send_through(address, password, selection, args, console: Console) -> int:
+async def _send_through(address, password, selection, args, console: Console, announce) -> int:
     machine = handshake.SenderHandshake(password, max_attempts=args.max_attempts)
     console.status.show(f"Connecting to the relay at {address}...")
     try:
-        meeting = await meet(address, machine, notify=_notify(console, "receiver"))
+        meeting = await meet(address, machine, notify=_notify(console, "receiver"),
+                             on_registered=announce)
     except (RelayError, HandshakeFailed) as error:
         raise Failure(str(error)) from None
     keys = meeting.paired.keys
