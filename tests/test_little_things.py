@@ -275,8 +275,10 @@ def _sender_screen(relay, cwd: Path, *args: str, stdout_tty: bool, expect_qr: bo
             if select.select([reader], [], [], 1.0)[0]:
                 out += os.read(reader, 65536)
         code = out.decode().split("Code: ", 1)[1].split()[0]
-        if expect_qr:  # wait for the whole QR code, whose last line is all upper halves
-            while not err.rstrip().endswith("▀".encode()):
+        if expect_qr:  # wait for the whole QR code (the status line may follow it at once)
+            from peer import qr
+
+            while qr.render(code).encode() not in err:
                 assert time.monotonic() < deadline, err
                 if select.select([process.stderr], [], [], 1.0)[0]:
                     err += os.read(process.stderr.fileno(), 65536)
