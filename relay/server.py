@@ -408,9 +408,11 @@ class RelayServer(HandshakePort, SecurePort):
                 for listener in metrics_listeners:
                     everything.start_soon(serve_metrics, listener, self)
             # One nursery per kind of task, so that shutdown can end them in order: stop
-            # accepting, tell handshake peers, let open rooms finish within the grace.
-            async with trio.open_nursery() as handshake_tasks:
-                async with trio.open_nursery() as secure_tasks:
+            # accepting, tell handshake peers, let open rooms finish within the grace. A
+            # nursery's deadline covers every nursery opened inside it, so the secure tasks
+            # (the rooms) must be outside the handshake tasks' short one, not within it.
+            async with trio.open_nursery() as secure_tasks:
+                async with trio.open_nursery() as handshake_tasks:
                     async with trio.open_nursery() as acceptors:
                         for listener in handshake_listeners:
                             acceptors.start_soon(
