@@ -221,11 +221,11 @@ def test_a_socket_activated_relay_serves_a_real_transfer(tmp_path):
         # systemd-socket-activate starts the relay at the first connection to a socket.
         connect_when_listening(handshake).close()
         line = read_line(relay)
-        sender = peer("send", *relay_args, "--password", "417-socket-activated-relay",
+        sender = peer("send", *relay_args, "--password", "418-pebble-cactus-relay",
                       "hello.txt", cwd=tmp_path)
         assert f"127.0.0.1:{handshake} (handshake) and 127.0.0.1:{secure} (secure room)" in line
         receiver = peer("recv", *relay_args, "-y", "-o", f"{tmp_path / 'out'}/",
-                        "417-socket-activated-relay", cwd=tmp_path)
+                        "418-pebble-cactus-relay", cwd=tmp_path)
         (s, _, s_err), (r, _, r_err) = finish(sender, LIMIT), finish(receiver, LIMIT)
         assert (s, r) == (0, 0), s_err + r_err
         assert (tmp_path / "out" / "hello.txt").read_bytes() == (tmp_path / "hello.txt").read_bytes()
@@ -345,10 +345,10 @@ def test_sigterm_during_a_transfer_lets_it_finish_and_exits_0(tmp_path):
     relay = start_relay("--room-rate", "2500000", "--shutdown-grace", "600")
     out = tmp_path / "out"
     try:
-        sender = peer("send", *relay.peer_args(), "--password", "511-grace-period-transfer",
+        sender = peer("send", *relay.peer_args(), "--password", "417-cobalt-lemon-unicycle",
                       "big.bin", cwd=tmp_path)
         receiver = peer("recv", *relay.peer_args(), "-y", "-o", f"{out}/",
-                        "511-grace-period-transfer", cwd=tmp_path)
+                        "417-cobalt-lemon-unicycle", cwd=tmp_path)
         deadline = time.monotonic() + LIMIT
         while not any(p.stat().st_size for p in out.glob("*.peer-part")):
             assert time.monotonic() < deadline and receiver.poll() is None, "no transfer started"
@@ -401,7 +401,7 @@ async def test_a_room_still_open_when_the_grace_ends_is_ended():
 
 
 def test_logs_hold_no_code_no_payload_and_anonymized_addresses(tmp_path):
-    code = "602-zebra-quartz-lantern"
+    code = "602-zebra-unicycle-lantern"
     marker = b"PAYLOAD-NEVER-LOGGED-"
     (tmp_path / "secret.txt").write_bytes(marker * 2000)
     relay = subprocess.Popen(
