@@ -116,11 +116,13 @@ class HandshakePort:
                     conn.closing = "closed by the relay"
                 # Leaving the nursery waits for the writer to deliver the last packets.
                 tasks.cancel_scope.deadline = trio.current_time() + CLOSE_GRACE
+            conn.tasks = None  # no writer can start any more: later packets for it are dropped
             if not tasks.cancel_scope.cancelled_caught and not conn.broken:
                 await endpoint.goodbye(LINGER, reason=conn.closing or "")
         except Exception:
             log.exception("handshake connection %s failed", text_of(identity))
         finally:
+            conn.tasks = None
             self.connections[kind] -= 1
             # Whatever happened, the core must not keep a peer we no longer serve (a no-op
             # when the core closed it itself).
@@ -187,8 +189,8 @@ class HandshakePort:
             output = queue.popleft()
             conn = output.conn
             if isinstance(output, Send):
-                if conn.closing is not None:
-                    continue
+                if conn.closing is not None or conn.tasks is None:
+                    continue  # closing, or its tasks are over (another peer's departure at shutdown)
                 if conn.unsent() + len(output.data) > self.config.max_outbox:
                     log.info("cutting off %s: it reads too slowly (%d bytes unsent)",
                              text_of(conn.identity), conn.unsent())
