@@ -368,7 +368,7 @@ async def _new_pair_through(w: World, restarting: float) -> None:
 async def proxy_round(w: World, fault: Fault) -> str:
     """A transfer whose secure-room connection is cut or corrupted after ``fault.at`` bytes."""
     w.rounds += 1
-    code = f"{w.rounds}-proxy-fault-round"
+    code = f"{w.rounds}-proxy-fault-round-{w.rounds}"  # a number in it: tried as typed
     out = w.tmp / f"out{w.rounds}"
     w.proxy.fault = fault
     sender = w.start("send", code, out)
