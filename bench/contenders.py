@@ -207,6 +207,25 @@ def ours(source: Path, out_dir: Path, transport: str, python: str = sys.executab
         shutil.rmtree(out_dir, ignore_errors=True)
 
 
+def start_wormhole_services(children: Children, bin_dir: Path, work: Path):
+    """magic-wormhole's mailbox server and transit relay on loopback ports: the transit
+    relay's child (its CPU is the "relay" figure) and the arguments that point a
+    ``wormhole`` command at both."""
+    mailbox, transit = free_port(), free_port()
+    children.start("mailbox", [str(bin_dir / "twist"), "wormhole-mailbox",
+                               f"--port=tcp:{mailbox}:interface=127.0.0.1",
+                               f"--channel-db={work / 'mailbox.sqlite'}"],
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=work)
+    relay = children.start("relay", [str(bin_dir / "twist"), "transitrelay",
+                                     f"--port=tcp:{transit}:interface=127.0.0.1"],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=work)
+    wait_listening(mailbox)
+    wait_listening(transit)
+    common = [str(bin_dir / "wormhole"), "--relay-url", f"ws://127.0.0.1:{mailbox}/v1",
+              "--transit-helper", f"tcp:127.0.0.1:{transit}"]
+    return relay, common
+
+
 def wormhole(source: Path, out_dir: Path, venv: Path) -> Run:
     """magic-wormhole with its own mailbox server and transit relay on loopback, both ends
     with ``--no-listen`` so the data goes through the transit relay (whose CPU is "relay")."""
@@ -214,18 +233,7 @@ def wormhole(source: Path, out_dir: Path, venv: Path) -> Run:
     bin_dir = venv / "bin"
     work = out_dir.parent
     try:
-        mailbox, transit = free_port(), free_port()
-        children.start("mailbox", [str(bin_dir / "twist"), "wormhole-mailbox",
-                                   f"--port=tcp:{mailbox}:interface=127.0.0.1",
-                                   f"--channel-db={work / 'mailbox.sqlite'}"],
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=work)
-        relay = children.start("relay", [str(bin_dir / "twist"), "transitrelay",
-                                         f"--port=tcp:{transit}:interface=127.0.0.1"],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=work)
-        wait_listening(mailbox)
-        wait_listening(transit)
-        common = [str(bin_dir / "wormhole"), "--relay-url", f"ws://127.0.0.1:{mailbox}/v1",
-                  "--transit-helper", f"tcp:127.0.0.1:{transit}"]
+        relay, common = start_wormhole_services(children, bin_dir, work)
         shutil.rmtree(out_dir, ignore_errors=True)
         out_dir.mkdir()
         relay_before = cpu_of(relay.pid)

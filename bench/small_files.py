@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from contenders import CODE, WORMHOLE_CODE, Children, free_port, wait_listening  # noqa: E402
+from contenders import CODE, WORMHOLE_CODE, Children, start_wormhole_services  # noqa: E402
 from measure import child_cwd, env, relay_command, relay_ports  # noqa: E402
 
 
@@ -81,18 +81,7 @@ def wormhole(source: Path, out: Path, bin_dir: Path) -> float:
     children = Children()
     work = out.parent
     try:
-        mailbox, transit = free_port(), free_port()
-        children.start("mailbox", [str(bin_dir / "twist"), "wormhole-mailbox",
-                                   f"--port=tcp:{mailbox}:interface=127.0.0.1",
-                                   f"--channel-db={work / 'mailbox.sqlite'}"],
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=work)
-        children.start("relay", [str(bin_dir / "twist"), "transitrelay",
-                                 f"--port=tcp:{transit}:interface=127.0.0.1"],
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=work)
-        wait_listening(mailbox)
-        wait_listening(transit)
-        common = [str(bin_dir / "wormhole"), "--relay-url", f"ws://127.0.0.1:{mailbox}/v1",
-                  "--transit-helper", f"tcp:127.0.0.1:{transit}"]
+        _, common = start_wormhole_services(children, bin_dir, work)
         shutil.rmtree(out, ignore_errors=True)
         out.mkdir()
         started = time.perf_counter()
