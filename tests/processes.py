@@ -93,6 +93,19 @@ def stop_relay(relay: RelayProcess) -> int:
         relay.process.stdout.close()
 
 
+def stop_quietly(process: subprocess.Popen) -> None:
+    """SIGTERM a relay if it still runs, SIGKILL it after 10 s; close its stdout. For
+    teardowns, where how it ended is not the test's question (``stop_relay`` is)."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(5)
+    process.stdout.close()
+
+
 def peer(*args: str, cwd: Path, stdin=subprocess.DEVNULL, **env: str) -> subprocess.Popen:
     """Start ``peer ARGS`` in the background (stop it with finish())."""
     return subprocess.Popen(

@@ -24,7 +24,7 @@ import trio
 
 from inprocess import run_pair
 from peer.address import RelayAddress, parse_relay
-from processes import ROOT, child_env, ready_line
+from processes import ROOT, child_env, ready_line, stop_quietly
 from relay.websocket import connect as websocket_connect
 from test_nginx import NGINX, free_port, wait_listening
 from transport_helpers import make_certificates
@@ -64,14 +64,7 @@ class Instance:
         return float(match[1])
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
-        self.process.stdout.close()
+        stop_quietly(self.process)
 
 
 def start_instance() -> Instance:

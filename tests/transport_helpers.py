@@ -7,7 +7,6 @@ import datetime
 import ipaddress
 import os
 import re
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -25,7 +24,7 @@ from peer.channel import Channel
 from peer.meeting import meet
 from relay.server import BoundPorts, RelayConfig, serve
 
-from processes import child_env, ready_line
+from processes import child_env, ready_line, stop_quietly
 
 CODE = "123-cobalt-lemon-unicycle"
 LIMIT = 20
@@ -122,14 +121,7 @@ class Relay:
         return ["--relay", f"{scheme}://{host}:{self.ws_port}/"]
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
-        self.process.stdout.close()
+        stop_quietly(self.process)
 
 
 def start_relay(*extra: str, timeout: float = 20.0) -> Relay:
