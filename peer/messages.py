@@ -170,6 +170,22 @@ def _public_tag_digest(text: str) -> bytes:
     return bytes.fromhex(hexdigits)
 
 
+def _encode_piece(kind: int, more: bool, chunk: bytes | memoryview, what: str) -> bytes:
+    """OFFER and ZDATA share one layout: a flags byte (`more`), then 1..32765 bytes."""
+    if not 1 <= len(chunk) <= MAX_RECORD_SIZE - 2:
+        raise ValueError(f"a {what} holds 1..32765 bytes")
+    return bytes([kind, _OFFER_MORE if more else 0]) + bytes(chunk)
+
+
+def _decode_piece(body: memoryview, what: str) -> tuple[bool, memoryview]:
+    if len(body) < 2:
+        raise ProtocolError(f"{what} is empty")
+    flags = body[0]
+    if flags & ~_OFFER_MORE:
+        raise ProtocolError(f"{what} has unknown flags {flags:#04x}")
+    return bool(flags & _OFFER_MORE), body[1:]
+
+
 @attrs.frozen
 class OfferPart:
     """s→r: a piece of the OFFER JSON; `more` says another piece follows."""
@@ -179,18 +195,11 @@ class OfferPart:
     chunk: bytes = attrs.field(converter=bytes)
 
     def encode(self) -> bytes:
-        if not 1 <= len(self.chunk) <= MAX_RECORD_SIZE - 2:
-            raise ValueError("an offer piece must hold 1..32765 bytes")
-        return bytes([self.TYPE, _OFFER_MORE if self.more else 0]) + self.chunk
+        return _encode_piece(self.TYPE, self.more, self.chunk, "offer piece")
 
     @classmethod
     def decode(cls, body: memoryview) -> OfferPart:
-        if len(body) < 2:
-            raise ProtocolError("offer piece is empty")
-        flags = body[0]
-        if flags & ~_OFFER_MORE:
-            raise ProtocolError(f"offer piece has unknown flags {flags:#04x}")
-        return cls(bool(flags & _OFFER_MORE), body[1:])
+        return cls(*_decode_piece(body, "offer piece"))
 
 
 @attrs.frozen
@@ -368,18 +377,11 @@ class CompressedData:
     chunk: bytes | memoryview
 
     def encode(self) -> bytes:
-        if not 1 <= len(self.chunk) <= MAX_RECORD_SIZE - 2:
-            raise ValueError("a compressed piece holds 1..32765 bytes")
-        return bytes([self.TYPE, _OFFER_MORE if self.more else 0]) + bytes(self.chunk)
+        return _encode_piece(self.TYPE, self.more, self.chunk, "compressed piece")
 
     @classmethod
     def decode(cls, body: memoryview) -> CompressedData:
-        if len(body) < 2:
-            raise ProtocolError("compressed piece is empty")
-        flags = body[0]
-        if flags & ~_OFFER_MORE:
-            raise ProtocolError(f"compressed piece has unknown flags {flags:#04x}")
-        return cls(bool(flags & _OFFER_MORE), body[1:])
+        return cls(*_decode_piece(body, "compressed piece"))
 
     def __eq__(self, other: object) -> bool:
         return (
