@@ -93,17 +93,19 @@ def stop_relay(relay: RelayProcess) -> int:
         relay.process.stdout.close()
 
 
-def stop_quietly(process: subprocess.Popen) -> None:
-    """SIGTERM a relay if it still runs, SIGKILL it after 10 s; close its stdout. For
-    teardowns, where how it ended is not the test's question (``stop_relay`` is)."""
+def stop_quietly(process: subprocess.Popen, how: int = signal.SIGTERM) -> None:
+    """Signal a relay (or nginx: SIGQUIT) if it still runs, SIGKILL it after 10 s; close its
+    pipes. For teardowns, where how it ended is not the test's question (``stop_relay`` is)."""
     if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
+        process.send_signal(how)
         try:
             process.wait(10)
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait(5)
-    process.stdout.close()
+    for pipe in (process.stdout, process.stderr):
+        if pipe is not None:
+            pipe.close()
 
 
 def peer(*args: str, cwd: Path, stdin=subprocess.DEVNULL, **env: str) -> subprocess.Popen:

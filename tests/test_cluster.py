@@ -145,13 +145,8 @@ def cluster(tmp_path):
         address = parse_relay(f"wss://127.0.0.1:{port}/peer-relay/", cacert=str(certificates.ca))
         yield Cluster(instances, address, port)
     finally:
-        if process is not None and process.poll() is None:
-            process.send_signal(signal.SIGQUIT)
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(5)
+        if process is not None:
+            stop_quietly(process, signal.SIGQUIT)  # nginx's graceful stop
         for instance in instances:
             instance.stop()
 

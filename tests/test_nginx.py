@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from processes import ROOT, finish, peer
+from processes import ROOT, finish, peer, stop_quietly
 from transport_helpers import CODE, make_certificates, start_relay
 
 NGINX = Path("/usr/sbin/nginx")
@@ -100,14 +100,7 @@ def nginx_in_front(tmp_path):
         wait_listening(port, process, workdir / "error.log")
         yield relay, port, certificates
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGQUIT)  # graceful: finish, then exit
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(5)
-        process.stderr.close()
+        stop_quietly(process, signal.SIGQUIT)  # graceful: finish, then exit
         relay.stop()
 
 
