@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import socket
-import struct
 import sys
 import time
 from pathlib import Path
@@ -32,7 +31,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from measure import INSTALLED, cpu_of, start_relay  # noqa: E402
-from relay_idle import IP_BIND_ADDRESS_NO_PORT, raise_file_limit  # noqa: E402
+from relay_idle import open_idle, raise_file_limit  # noqa: E402
 
 if not INSTALLED:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -54,13 +53,7 @@ def public_for(nameplate: int, n: int) -> bytes:
 
 
 def connect(port: int, n: int) -> socket.socket:
-    sock = socket.socket()
-    sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    sock.bind((f"127.0.0.{2 + n // PER_SOURCE}", 0))
-    sock.settimeout(60)
-    sock.connect(("127.0.0.1", port))
-    return sock
+    return open_idle(port, n, per_source=PER_SOURCE, timeout=60)
 
 
 def frames(sock: socket.socket, parser: wire.Parser, count: int, size: int = 65536) -> list:

@@ -39,6 +39,20 @@ from relay import wire  # noqa: E402
 PUBLIC = bytes.fromhex("00010002000000000000001000000002000400112233445566778899aabbccddeeff")
 PER_SOURCE = 20_000
 IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)  # Linux
+
+def open_idle(port: int, n: int, *, per_source: int = PER_SOURCE, timeout: float = 30.0) -> socket.socket:
+    """Connection ``n`` of many to the relay on loopback, from 127.0.0.(2 + n // per_source).
+
+    The port is picked at connect time, per destination (a bind-time pick must avoid every
+    port in use and slows down as they fill up), and the socket closes with a reset, so
+    that no TIME_WAIT is left to crowd the next run."""
+    sock = socket.socket()
+    sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.bind((f"127.0.0.{2 + n // per_source}", 0))
+    sock.settimeout(timeout)
+    sock.connect(("127.0.0.1", port))
+    return sock
 SPARE_FILES = 200
 """Descriptors kept for everything else (listeners, logs, pipes) in the relay and here."""
 
@@ -92,15 +106,7 @@ def measure(connections: int, python: str = sys.executable) -> dict[str, float]:
         hello = wire.encode(0, wire.HelloServer(PUBLIC))
         started = time.perf_counter()
         for n in range(connections):
-            sock = socket.socket()
-            # Pick the port at connect time, per destination (a bind-time pick must avoid
-            # every port in use and slows down as they fill up); close with a reset, so
-            # that no TIME_WAIT is left to crowd the next run.
-            sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            sock.bind((f"127.0.0.{2 + n // PER_SOURCE}", 0))
-            sock.settimeout(30)
-            sock.connect(("127.0.0.1", port))
+            sock = open_idle(port, n)
             sock.sendall(hello)
             sockets.append(sock)
         for sock in sockets:
