@@ -144,8 +144,9 @@ def main() -> int:
     print(f"{OWN_SENDERS} senders wait with each receiver's nameplate; the crowd waits with others")
     print(f"{'crowd':>16} {'relay CPU per scoped arrival':>30} {'vs first':>9}")
     for result in results:
-        print(f"{result['crowd']:>16,} {result['scoped_us']:>27.0f} us "
-              f"{result['scoped_us'] / empty:>8.2f}x")
+        # Too few arrivals can fall inside one CPU clock tick (10 ms): no ratio then.
+        ratio = f"{result['scoped_us'] / empty:>8.2f}x" if empty else f"{'n/a':>9}"
+        print(f"{result['crowd']:>16,} {result['scoped_us']:>27.0f} us {ratio}")
     for result in results:
         if "plain_us" in result:
             print(f"plain receiver at {result['everyone']:,} waiting senders: "
