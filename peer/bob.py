@@ -162,22 +162,19 @@ async def send_pack(
     selection: Selection,
     paths: list[str],
     *,
-    session: transfer.SenderSession | None = None,
+    session: transfer.SenderSession,
     make_progress: Callable[[], Progress] | None = None,
 ) -> transfer.Completed | None:
     """Send one file or one directory as bob's pack; return our receiver's ACK of it, or None
     when the room was closed cleanly after the whole pack (all bob ever says: no proof).
 
-    What the receiver says is read while the pack goes out (`session` decodes it; made
-    here when not given): a close before the last record is a failure, whoever closed;
+    What the receiver says is read while the pack goes out (`session`, fallen back to
+    the pack, decodes it): a close before the last record is a failure, whoever closed;
     so is a broken connection at any time. A HELLO, even late, means the receiver is ours:
     then, if it promised one (pack-ack), only its ACK confirms, and a bare close fails.
     """
     if len(paths) != 1:
         raise TransferFailed("bob's receiver takes one file or one directory: send the paths one at a time")
-    if session is None:
-        session = transfer.SenderSession(selection.offer)
-        session.fall_back_to_pack()
     watch = _PackWatch(channel, session)
     progress = make_progress() if make_progress is not None else None
     source_failure: SourceError | None = None

@@ -606,14 +606,9 @@ async def _recv(args, console: Console) -> int:
             f"no relay given: pass --relay ADDR or set {RELAY_ENV} "
             "(the sender printed the command to type)"
         )
-    text = args.code or os.environ.get(PASSWORD_ENV)
+    text = args.code  # settled by _recv_code before trio started, $PEER_PASSWORD included
     if not text:
-        if not console.interactive:
-            raise Failure("no code given")
-        try:
-            text = await console.read_code()
-        except EOFError:
-            raise Failure("no code given") from None
+        raise Failure("no code given")
     hint = codes.check_code(text) if codes.review_code(text) is None else None  # else asked already
     if hint:
         console.warn(hint)
@@ -730,7 +725,7 @@ async def _receive_into(address, password, destination, args, console: Console) 
             )
     except TransferFailed as error:
         await channel.abort()
-        if getattr(destination, "kept_partial", False):
+        if destination.kept_partial:
             raise Failure(f"{error}; the partial download is kept: run the same command again to resume it") from None
         raise Failure(str(error)) from None
     await channel.close()
@@ -739,7 +734,7 @@ async def _receive_into(address, password, destination, args, console: Console) 
             f"Received {done.file_count} file{'s' if done.file_count != 1 else ''} "
             f"({transfer.format_size(done.total_bytes)}) "
             + ("to standard output" if args.stdout
-               else f"as {args.output}" if getattr(destination, "as_file", False)
+               else f"as {args.output}" if destination.as_file
                else f"into {args.output or '.'}")
         )
     for offered, local in destination.renamed.items():

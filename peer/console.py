@@ -53,18 +53,6 @@ class Console:
                 return False
             prompt = f"Please answer y or n. {question} [Y/n]: "
 
-    async def read_code(self) -> str:
-        """Ask for the code on the terminal; an empty answer asks again."""
-        prompt = "Code: "
-        while True:
-            print(prompt, end="", file=sys.stderr, flush=True)
-            line = await trio.to_thread.run_sync(sys.stdin.readline, abandon_on_cancel=True)
-            if not line:
-                raise EOFError("no code given")
-            if line.strip():
-                return line.strip()
-            prompt = "You must enter the code: "
-
     def read_code_line(self, complete: Callable[[str], list[str]] | None = None) -> str:
         """Ask for the code on the terminal, with line editing and Tab completion.
 

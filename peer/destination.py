@@ -22,7 +22,6 @@ transfer but do not use dir fds.
 from __future__ import annotations
 
 import contextlib
-import errno
 import hmac
 import json
 import os
@@ -180,6 +179,9 @@ class Destination:
     drops trailing dots and refuses ``a:b`` just as Windows would).
     """
 
+    as_file = False
+    """Whether the offer's one file is saved under a name of the user's (see peer/output.py)."""
+
     def __init__(
         self,
         root: str | os.PathLike[str],
@@ -237,6 +239,8 @@ class Destination:
         self.single_name = single_name
         """The name (in `root`) for the offer's file when it offers one file and nothing else:
         ``peer recv -o NEWNAME``, as magic-wormhole users expect; ignored for other offers."""
+        self.kept_partial = False
+        """After `abort`: whether verified partial work was kept for a rerun to resume."""
 
     @property
     def renamed(self) -> dict[str, str]:
@@ -797,7 +801,7 @@ class Destination:
             self._name_batch(last=False)  # verified files keep their place, marked done
         except (DestinationError, OSError):
             pass  # the batch's files were discarded: what cannot be made durable is not named
-        self.kept_partial = kept  # read by the command line, to say that running it again resumes
+        self.kept_partial = kept
         # The journals of complete files matter only if a later attempt has more to do.
         unfinished = kept or bool(set(self._planned) - self._committed - {e.path for e in self._directories})
         for journal in self._finished_journals:
@@ -822,6 +826,9 @@ class StreamDestination:
     reach the reader as they arrive, before the final digest is checked: a failed check
     cannot take them back, so it is reported (exit status 1) instead of hidden.
     """
+
+    kept_partial = False  # nothing is kept: standard output cannot resume
+    as_file = False
 
     def __init__(self, fd: int = 1, display: str = "standard output") -> None:
         self._fd = fd

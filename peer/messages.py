@@ -67,7 +67,6 @@ other extra byte in a HELLO."""
 # --- messages ------------------------------------------------------------------------
 
 _U32 = struct.Struct(">I")
-_U64 = struct.Struct(">Q")
 _FILE_START = struct.Struct(">IQ")
 _RESUME_POINT = struct.Struct(">IQ")
 _ACK = struct.Struct(">QQ")

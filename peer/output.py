@@ -34,10 +34,6 @@ class OutputDestination:
         self.as_file = False
         """Whether the offer turned out to be one file, saved as `path`."""
 
-    @property
-    def supports_resume(self) -> bool:
-        return self._inner.supports_resume
-
     def plan(self, offer: Offer, **options) -> list[Path]:
         files = [entry for entry in offer.entries if entry.is_file]
         self.as_file = len(offer.entries) == 1 and len(files) == 1 and offer.text is None

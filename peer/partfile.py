@@ -31,9 +31,6 @@ __all__ = [
 PART_SUFFIX = ".peer-part"
 WRITE_BATCH = 1 << 20
 _PART_NAME_BYTES = 200  # leaves room for ".<8 hex>.peer-part" within a 255-byte name
-_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
-_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
-_BINARY = getattr(os, "O_BINARY", 0)
 
 _writer: ThreadPoolExecutor | None = None
 
@@ -284,19 +281,11 @@ class StreamPart:
     def write(self, data: bytes | memoryview) -> None:
         if self.entry.size is not None and self.written + len(data) > self.entry.size:
             raise DestinationError(f"{self.entry.path}: more data than the offered {self.entry.size} bytes")
-        problem = None
-        try:
-            with memoryview(data) as whole:
-                done = 0
-                while done < len(whole):
-                    done += os.write(self._fd, whole[done:])
-        except BrokenPipeError:
-            problem = "it was closed by the program reading it"
-        except OSError as exc:
-            problem = os_reason(exc)
-        if problem is not None:
+        error = _write_all(self._fd, data, self._hasher)
+        if error is not None:
+            problem = ("it was closed by the program reading it" if isinstance(error, BrokenPipeError)
+                       else os_reason(error))
             raise DestinationError(f"cannot write to {self._display}: {problem}")
-        self._hasher.update(data)
         self.written += len(data)
 
     def digest(self) -> bytes:

@@ -66,10 +66,7 @@ async def receive_offer(
             offer = await _wait_offer(channel, session, first)
             resume = transfer.RESUME in session.features
             try:
-                if resume:
-                    destination.plan(offer, resume=True)
-                else:
-                    destination.plan(offer)
+                destination.plan(offer, resume=resume)
             except DestinationError as error:
                 await _send_now(channel, session.decline(str(error)))
                 raise TransferFailed(str(error)) from None

@@ -102,10 +102,6 @@ class StatusConsole(Console):
         self.status.end()
         return await super().ask(question)
 
-    async def read_code(self, *args, **options) -> str:
-        self.status.end()
-        return await super().read_code(*args, **options)
-
     def read_code_line(self, *args, **options) -> str:
         self.status.end()
         return super().read_code_line(*args, **options)
