@@ -127,8 +127,6 @@ class HandshakeCounts:
     """Handshakes begun (07) that ended without an agreement because of the client: a
     Spoke_failure or Refused before the Agreement (except the server's Spoke_failure before
     its 06, which gave the client nothing), or the client leaving: what the limits count."""
-    handshakes_refused: int = 0
-    """07s not forwarded because the client's address or the sender was over its limit."""
     announcements: int = 0
     """New_server packets (04) sent to clients."""
     senders_refused: int = 0
@@ -191,7 +189,7 @@ class _Peer:
     """How often a repeated Hello of this sender was announced to receivers again."""
     handshakes: dict[int, _Handshake] = attrs.Factory(dict)
     """Peer UID → the handshake under way with it (kept on both peers, like ``links``)."""
-    failures: Failures = attrs.Factory(Failures)
+    failures: Failures | None = None
     """A server's failed handshakes (from every client): its count for the guard."""
     nameplate: int | None = None
     """A server's nameplate (from its salt); a scoped client's; None for a plain client."""
@@ -219,7 +217,8 @@ class Relay:
                  hello_gate: HelloGate | None = None, guard: Guard | None = None,
                  clock: Clock | None = None, refusal_log: RefusalLog | None = None,
                  announce_budget: int = ANNOUNCE_BUDGET) -> None:
-        """Without a ``guard`` handshakes are counted but never refused; with one, the
+        """Without a ``guard`` failed handshakes are counted but never refused (the default
+        guard keeps only the per-nameplate sender cap); with one, the
         driver's ``clock`` is needed for its window. ``refusal_log`` says what the guard
         refused (the driver's, so that one line a second per limit holds for the relay)."""
         if guard is not None and clock is None:
@@ -477,6 +476,8 @@ class Relay:
 
     def _index_server(self, server: _Peer, public: bytes) -> None:
         server.nameplate = nameplate_of(public)
+        if server.failures is None:  # only senders need one; it outlives a repeated Hello
+            server.failures = Failures()
         server.announcement = wire.encode(
             wire.RELAY_UID, wire.NewServer(server.uid, public, server.identity))
         server.seq = self._next_seq
@@ -666,7 +667,6 @@ class Relay:
         told that sender is gone for it. bob's and our receivers then forget that sender and
         go on with the others; closing the client instead would end its other handshakes
         too, each one an abandoned attempt for its sender."""
-        self.counts.handshakes_refused += 1
         self._refusal_log.refused(
             refusal, f"a handshake of {client.describe()} with {server.describe()}", self._clock())
         self._link(client, server, _Link.ENDED)

@@ -9,7 +9,7 @@ reader slows its writer down through TCP instead of growing a buffer here.
 When either side ends (EOF or an error) both directions stop reading, deliver what they
 already hold, write the close marker ``ff ff ff ff`` to their destination (as bob's relay
 does; the record layer reads it as "close"), and both sockets are closed, gently (see
-``LINGER``). A running pipe has no idle timeout, like bob's; but a side that takes nothing
+``MARKER_LINGER``). A running pipe has no idle timeout, like bob's; but a side that takes nothing
 of what is waiting for it for ``STALL_TIMEOUT`` ends the room (it does not read, and
 holding its partner and both buffers for it would be an easy way to pin the relay).
 """
@@ -41,7 +41,7 @@ BUFFER_SIZE = 256 * 1024
 """The fallback's user-space buffer per direction."""
 YIELD_EVERY = 8 << 20
 """Bytes a direction may move without waiting before it lets other tasks run (fairness)."""
-LINGER = 2.0
+MARKER_LINGER = 2.0
 """Seconds to keep discarding what a peer still sends after its marker, before closing.
 
 Closing a socket with unread input makes the kernel send a reset, and a reset can destroy
@@ -280,7 +280,7 @@ async def blind_pipe(a: SocketLike, b: SocketLike, *, meter: RoomMeter | None = 
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_run, a_to_b, b_to_a, ending)
                 nursery.start_soon(_run, b_to_a, a_to_b, ending)
-            with trio.move_on_after(LINGER):
+            with trio.move_on_after(MARKER_LINGER):
                 async with trio.open_nursery() as nursery:
                     for direction in directions:
                         if not direction.src_ended:

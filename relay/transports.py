@@ -28,7 +28,7 @@ import trio
 
 from relay import wire
 from relay.limits import RoomMeter
-from relay.pipe import BUFFER_SIZE, CLOSE_MARKER, LINGER, STALL_TIMEOUT, STALLED, PipeStats
+from relay.pipe import BUFFER_SIZE, CLOSE_MARKER, MARKER_LINGER, STALL_TIMEOUT, STALLED, PipeStats
 from relay.websocket import UpgradeRequest, WebSocketError, WebSocketStream, read_upgrade_request
 
 log = logging.getLogger("relay.transports")
@@ -95,7 +95,7 @@ class Endpoint:
         """Close now, without flushing (closing twice is harmless)."""
         self.socket.close()
 
-    async def goodbye(self, linger: float = LINGER, reason: str = "") -> None:
+    async def goodbye(self, linger: float = MARKER_LINGER, reason: str = "") -> None:
         """Close after our last bytes without a reset destroying them in the peer's queue.
 
         The peer learns the end in its transport's terms, then we read and drop what it still
