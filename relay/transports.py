@@ -354,8 +354,11 @@ async def stream_pipe(a: Endpoint, b: Endpoint, *, meter: RoomMeter | None = Non
     both stop reading, deliver what they hold, write the close marker ``ff ff ff ff`` to
     their destination and say goodbye; both are closed when this returns, whatever happens.
     ``meter`` counts the bytes as they go and may limit the room's rate (a WebSocket's
-    frames without data count too). A side that takes nothing of a write for ``stall``
-    seconds ends the room, as does a side that fails: nothing waits on it any more.
+    frames without data count too). A side that has not taken a whole write (up to one
+    buffer, 256 KiB) within ``stall`` seconds ends the room, as does a side that fails:
+    nothing waits on it any more. Unlike the spliced pipe, which times each step of
+    progress, a stream's ``send_all`` shows none until it is done, so a side reading under
+    about 2 KiB/s is taken for one that stopped.
     """
     a_to_b, b_to_a = _Flow(a, b, "a", meter, stall), _Flow(b, a, "b", meter, stall)
     ending = _Ending()
