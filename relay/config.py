@@ -183,6 +183,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("ws-port", port, None, "also serve both protocols over WebSocket on this port, at "
            "the paths /handshake and /room (default: off; 0 picks a free port)", False, "PORT",
            optional=True),
+    Option("web-app", boolean, True, "serve the browser peer's page on the WebSocket port, at "
+           "/ (default: on; --no-web-app answers every page request with 404)", True),
     Option("tls-cert", text, None, "PEM certificate chain: every port then speaks TLS (the "
            "WebSocket port wss://); re-read on SIGHUP", True, "FILE", optional=True),
     Option("tls-key", text, None, "PEM private key of --tls-cert, if it is not in the same "
@@ -423,6 +425,7 @@ def build(values: dict[str, Any], *, path: str | os.PathLike | None = None,
             shutdown_grace=values["shutdown-grace"],
             limits=limits,
             metrics=values["metrics"],
+            web_app=values["web-app"],
         )
     except ValueError as error:  # checks only the server knows (max-outbox's minimum...)
         message = str(error)

@@ -105,6 +105,12 @@ class RelayCollector:
         for limit in Refusal:
             refused.add_metric([limit.value], server.guard.refused[limit])
         yield refused
+        web = CounterMetricFamily(f"{PREFIX}_web_requests", "Plain HTTP requests on the "
+                                  "WebSocket port (the browser peer's page), by the status of "
+                                  "the answer.", labels=["status"])
+        for status, number in sorted(server.webapp.requests.items()):
+            web.add_metric([str(status)], number)
+        yield web
         yield GaugeMetricFamily(f"{PREFIX}_stopping", "1 while the relay shuts down.",
                                 value=int(server.stopping))
 

@@ -8,7 +8,8 @@ rooms). This module is the relay's life: its configuration, listening, accepting
 the limits, refusing, reloading and stopping; ``RelayServer`` joins the three.
 
 Both ports may also be reached over TLS (``tls_cert``) and over WebSocket (``ws_port``, one
-port for both protocols, told apart by the request path); ``relay.transports`` turns each
+port for both protocols, told apart by the request path, which also serves the browser
+peer's page to plain HTTP requests: ``relay.webapp``); ``relay.transports`` turns each
 accepted connection into an ``Endpoint`` (a byte stream and an identity), so everything
 below serves every transport alike and rooms pair across transports.
 
@@ -65,6 +66,7 @@ from relay.transports import (
     server_tls_context,
     trusted_network,
 )
+from relay.webapp import WebApp
 
 try:
     import resource
@@ -171,6 +173,9 @@ class RelayConfig:
     """The abuse limits (``relay.limits``)."""
     metrics: tuple[str, int] | None = attrs.field(default=None, validator=_endpoint)
     """Address and port of the Prometheus metrics over HTTP; None: off."""
+    web_app: bool = True
+    """Serve the browser peer's page on the WebSocket port (``relay.webapp``); if not, a
+    plain HTTP request there gets 404 saying so."""
 
     def __attrs_post_init__(self) -> None:
         if self.tls_key is not None and self.tls_cert is None:
@@ -299,6 +304,8 @@ class RelayServer(HandshakePort, SecurePort):
         self.sockets = dict(sockets or {})
         self.tls: ssl.SSLContext | None = None
         self.guard = Guard(config.limits)
+        self.webapp = WebApp.load(enabled=config.web_app)
+        """The browser peer's files, read once (its counts feed the metrics)."""
         self._refusal_log = RefusalLog(log, REFUSAL_LOG_EVERY)
         self.rooms = RoomBook(ttl=config.room_timeout)
         self.relay = Relay(self.rooms, hello_gate=self._hello_gate, guard=self.guard,
@@ -478,6 +485,7 @@ class RelayServer(HandshakePort, SecurePort):
         self.config = attrs.evolve(config, **kept)
         self.tls = tls
         self.guard.limits = self.config.limits
+        self.webapp.enabled = self.config.web_app
         self.relay.announce_budget = announce_budget(self.config.max_outbox)
         self.rooms.ttl = self.config.room_timeout
         self._rooms_changed()
@@ -548,7 +556,8 @@ class RelayServer(HandshakePort, SecurePort):
         try:
             with trio.move_on_after(REFUSAL_TIME):
                 if port == "websocket":
-                    await open_websocket(tcp, self.tls, REFUSAL_TIME, refusal=refusal.describe())
+                    await open_websocket(tcp, self.tls, REFUSAL_TIME, refusal=refusal.describe(),
+                                         webapp=self.webapp)
                     return
                 endpoint = await open_endpoint(tcp, self.tls, REFUSAL_TIME)
                 if endpoint is None:
@@ -581,7 +590,7 @@ class RelayServer(HandshakePort, SecurePort):
                                 admission: Admission) -> None:
         arrival = await opened(open_websocket(
             tcp, self.tls, self.config.upgrade_timeout, self.config.trusted_proxies,
-            admit=partial(self._admit_forwarded, admission)), tcp)
+            admit=partial(self._admit_forwarded, admission), webapp=self.webapp), tcp)
         if arrival is None:
             return
         if self._stopping:

@@ -29,7 +29,16 @@ import trio
 from relay import wire
 from relay.limits import RoomMeter
 from relay.pipe import BUFFER_SIZE, CLOSE_MARKER, MARKER_LINGER, STALL_TIMEOUT, STALLED, PipeStats
-from relay.websocket import UpgradeRequest, WebSocketError, WebSocketStream, read_upgrade_request
+from relay.webapp import WebApp
+from relay.websocket import (
+    PageRequest,
+    UpgradeRequest,
+    WebSocketError,
+    WebSocketStream,
+    http_error,
+    read_request,
+    read_upgrade_request,
+)
 
 log = logging.getLogger("relay.transports")
 
@@ -208,6 +217,7 @@ async def open_websocket(
     *,
     admit: Callable[[bytes], str | None] | None = None,
     refusal: str | None = None,
+    webapp: WebApp | None = None,
 ) -> WebSocketArrival | None:
     """TLS (for wss), then the HTTP upgrade, within ``timeout``; route it by its path.
 
@@ -215,6 +225,8 @@ async def open_websocket(
     body) where it could still hear it, the connection is closed and the reason logged.
     ``admit`` is asked about the client's identity before the upgrade is accepted (a reason
     refuses it with 503); ``refusal`` refuses every request with 503 and that reason.
+    With ``webapp``, a plain request (no upgrade) is a page request: it passes the same
+    admission, is answered by ``webapp`` within the same ``timeout``, and gives None.
     """
     try:
         peer_host, peer_port = tcp.socket.getpeername()[:2]
@@ -227,12 +239,16 @@ async def open_websocket(
     kind = "ws" if tls is None else "wss"
     stream: trio.abc.Stream = tcp
     answered = False  # the client got an HTTP error saying why: let it read that
+    problem: str | None
     try:
         with trio.fail_after(timeout):
             if tls is not None:
                 stream = await open_tls(tcp, tls)
             try:
-                request = await read_upgrade_request(stream)
+                if webapp is None:
+                    request: UpgradeRequest | PageRequest = await read_upgrade_request(stream)
+                else:
+                    request = await read_request(stream)
             except WebSocketError:
                 answered = True
                 raise
@@ -240,7 +256,11 @@ async def open_websocket(
             forwarded = _forwarded_identity(request, peer_host, peer_port, trusted_proxies)
             if refusal is None and admit is not None and not isinstance(forwarded, str):
                 refusal = admit(forwarded)
-            if refusal is not None:
+            if isinstance(request, PageRequest):
+                assert webapp is not None
+                answered = True
+                problem = await _serve_page(stream, request, route, webapp, refusal, forwarded)
+            elif refusal is not None:
                 problem = refusal
                 answered = True
                 await request.refuse(503, refusal)
@@ -263,14 +283,39 @@ async def open_websocket(
     except trio.BrokenResourceError as error:
         step = "TLS handshake" if tls is not None and stream is tcp else "connection"
         problem = f"{step} failed: {_tls_reason(error)}"
-    log.info("closing %s connection from %s: %s", kind, who, problem)
+    if problem is not None:
+        log.info("closing %s connection from %s: %s", kind, who, problem)
     if answered:
         await Endpoint(stream, identity, kind, tcp.socket).goodbye(linger=1.0)
     tcp.socket.close()
     return None
 
 
-def _forwarded_identity(request: UpgradeRequest, peer_host: str, peer_port: int,
+async def _serve_page(stream: trio.abc.Stream, request: PageRequest, route: str | None,
+                      webapp: WebApp, refusal: str | None, forwarded: bytes | str) -> str | None:
+    """Answer a plain request; return why it was refused (None when it was served, even
+    with a 404: a page that does not exist is an answer, not a problem of the relay)."""
+    head = request.method == "HEAD"
+    if refusal is not None:
+        problem: str | None = refusal
+        response = webapp.error(503, refusal, head=head).encode()
+    elif isinstance(forwarded, str):
+        problem = forwarded
+        response = webapp.error(400, forwarded, head=head).encode()
+    elif route is not None:
+        # An endpoint asked for without the upgrade: say what it is (not counted as a page).
+        problem = f"not a WebSocket upgrade request: {request.path} takes WebSocket upgrades only"
+        response = http_error(426, problem, upgrade=True)
+    else:
+        problem = None
+        answer = webapp.respond(request.method, request.target, request.headers)
+        log.debug("page %s %s: %d", request.method, request.target[:200], answer.status)
+        response = answer.encode()
+    await stream.send_all(response)
+    return problem
+
+
+def _forwarded_identity(request: UpgradeRequest | PageRequest, peer_host: str, peer_port: int,
                         trusted: Iterable[Network]) -> bytes | str:
     """The identity of a WebSocket peer, or why its proxy headers cannot be used.
 

@@ -30,7 +30,9 @@ from __future__ import annotations
 import collections
 import enum
 import http
+from typing import NoReturn
 
+import h11
 import trio
 import wsproto
 import wsproto.utilities
@@ -320,7 +322,19 @@ class WebSocketStream(trio.abc.Stream):
 # -- opening: the HTTP upgrade ----------------------------------------------------------------
 
 
-class UpgradeRequest:
+class _Head:
+    """What both kinds of request on the WebSocket port share: a path and headers."""
+
+    path: str
+    headers: list[tuple[bytes, bytes]]
+    """Request headers, names in lower case."""
+
+    def header(self, name: bytes) -> list[bytes]:
+        """Every value of header ``name`` (lower case), in order."""
+        return [value for key, value in self.headers if key == name]
+
+
+class UpgradeRequest(_Head):
     """A server-side connection whose upgrade request was read: accept or refuse it."""
 
     def __init__(self, transport: trio.abc.Stream, connection: wsproto.WSConnection,
@@ -330,12 +344,8 @@ class UpgradeRequest:
         self._early = early
         self.path = request.target.split("?", 1)[0]
         self.host = request.host
-        self.headers: list[tuple[bytes, bytes]] = list(request.extra_headers)
+        self.headers = list(request.extra_headers)
         """Other request headers, names in lower case."""
-
-    def header(self, name: bytes) -> list[bytes]:
-        """Every value of header ``name`` (lower case), in order."""
-        return [value for key, value in self.headers if key == name]
 
     async def accept(self) -> WebSocketStream:
         await self.transport.send_all(self._ws.send(AcceptConnection()))
@@ -346,38 +356,91 @@ class UpgradeRequest:
         await self.transport.send_all(http_error(status, reason))
 
 
+class PageRequest(_Head):
+    """A plain HTTP request (no WebSocket upgrade asked for): someone wants a page.
+
+    The caller answers it (``relay.webapp``) and closes the connection: one request per
+    connection, whatever follows it is never read.
+    """
+
+    def __init__(self, request: h11.Request) -> None:
+        self.method = request.method.decode("ascii")
+        self.target = request.target.decode("ascii")
+        self.path = self.target.split("?", 1)[0]
+        self.headers = [(bytes(key), bytes(value)) for key, value in request.headers]
+
+
 async def read_upgrade_request(transport: trio.abc.Stream) -> UpgradeRequest:
     """Read a client's upgrade request (the caller bounds the time).
 
     Anything but a valid WebSocket upgrade is answered with an HTTP error saying what is
     wrong, then raises ``WebSocketError``. h11 caps the request head at 16 KiB.
     """
-    connection = wsproto.WSConnection(wsproto.ConnectionType.SERVER)
+    request = await read_request(transport, pages=False)
+    assert isinstance(request, UpgradeRequest)
+    return request
+
+
+async def read_request(transport: trio.abc.Stream, *,
+                       pages: bool = True) -> UpgradeRequest | PageRequest:
+    """Read a client's request: a WebSocket upgrade, or (with ``pages``) a plain request.
+
+    A request is a page request when it has no ``Upgrade: websocket`` header; it is left
+    for the caller to answer. An upgrade goes on to wsproto's checks. What is not valid
+    HTTP, or not a valid upgrade, is answered with an HTTP error saying what is wrong,
+    then raises ``WebSocketError``. h11 caps the request head at 16 KiB.
+    """
+    parser = h11.Connection(h11.SERVER)
     head_end = _HeadEnd()
+    head = bytearray()
     while True:
         # Small reads: the HTTP parser refuses a head that grows past 16 KiB unfinished,
         # but would take a huge one that arrived whole in one large read.
         data = await transport.receive_some(UPGRADE_READ)
         if not data:
             raise WebSocketError("closed before sending an upgrade request")
-        head, early = head_end.split(data)
+        part, early = head_end.split(data)
+        head += part
         try:
-            connection.receive_data(head)
-            for event in connection.events():
-                if isinstance(event, Request):
-                    return UpgradeRequest(transport, connection, event, early)
-        except (wsproto.utilities.RemoteProtocolError, ValueError) as error:
-            # ValueError: wsproto decodes some header values without checking them first
-            # (a non-ASCII byte raises UnicodeDecodeError); that is a bad request too.
-            hint = getattr(error, "event_hint", None)
-            status = hint.status_code if isinstance(hint, RejectConnection) else 400
-            what = error if isinstance(error, wsproto.utilities.RemoteProtocolError) else "bad header value"
-            reason = f"not a WebSocket upgrade request: {what}"
-            try:
-                await transport.send_all(http_error(status, reason, upgrade=status == 426))
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                pass
-            raise WebSocketError(reason) from None
+            parser.receive_data(part)
+            event = parser.next_event()
+        except h11.RemoteProtocolError as error:
+            await _refuse_request(transport, 400, str(error))
+        if isinstance(event, h11.Request):
+            break
+    if pages and not _asks_websocket(event):
+        return PageRequest(event)
+    connection = wsproto.WSConnection(wsproto.ConnectionType.SERVER)
+    try:
+        connection.receive_data(bytes(head))
+        for ws_event in connection.events():
+            if isinstance(ws_event, Request):
+                return UpgradeRequest(transport, connection, ws_event, early)
+    except (wsproto.utilities.RemoteProtocolError, ValueError) as error:
+        # ValueError: wsproto decodes some header values without checking them first
+        # (a non-ASCII byte raises UnicodeDecodeError); that is a bad request too.
+        hint = getattr(error, "event_hint", None)
+        status = hint.status_code if isinstance(hint, RejectConnection) else 400
+        what = error if isinstance(error, wsproto.utilities.RemoteProtocolError) else "bad header value"
+        await _refuse_request(transport, status, str(what))
+    # The head was whole (h11 said so): wsproto read the same bytes and must have decided.
+    raise WebSocketError("not a WebSocket upgrade request")  # pragma: no cover
+
+
+def _asks_websocket(request: h11.Request) -> bool:
+    """Whether the request asks to be upgraded to a WebSocket (other upgrades, such as
+    ``h2c``, may be ignored: the request is then answered as a plain one)."""
+    return any(name == b"upgrade" and b"websocket" in (t.strip() for t in value.lower().split(b","))
+               for name, value in request.headers)
+
+
+async def _refuse_request(transport: trio.abc.Stream, status: int, what: str) -> NoReturn:
+    reason = f"not a WebSocket upgrade request: {what}"
+    try:
+        await transport.send_all(http_error(status, reason, upgrade=status == 426))
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
+    raise WebSocketError(reason) from None
 
 
 def http_error(status: int, reason: str, *, upgrade: bool = False) -> bytes:

@@ -29,6 +29,7 @@ NON_DEFAULT = {
     "port": (7000, ["--port", "7000"]),
     "secure-port": (7001, ["--secure-port", "7001"]),
     "ws-port": (7002, ["--ws-port", "7002"]),
+    "web-app": (False, ["--no-web-app"]),
     "tls-cert": ("/etc/ssl/relay.pem", ["--tls-cert", "/etc/ssl/relay.pem"]),
     "tls-key": ("/etc/ssl/relay.key", ["--tls-key", "/etc/ssl/relay.key"]),
     "trust-proxy": (["10.0.0.0/8"], ["--trust-proxy", "10.0.0.0/8"]),
@@ -77,7 +78,7 @@ def expected_settings() -> tuple[RelayConfig, LogSettings]:
                       exempt=("192.0.2.0/24",), max_failed_handshakes_per_address=2,
                       max_failed_handshakes_per_sender=9, failed_handshake_window=90.0,
                       max_senders_per_nameplate=7),
-        metrics=("127.0.0.1", 9100),
+        metrics=("127.0.0.1", 9100), web_app=False,
     )
     return relay, LogSettings("debug", "json", True)
 

@@ -208,7 +208,8 @@ async def test_bad_input_closes_only_that_connection_while_a_transfer_completes(
 
             async def plain_http() -> None:
                 stream = await trio.open_tcp_stream("127.0.0.1", ports.ws_port)
-                await stream.send_all(b"GET / HTTP/1.1\r\nHost: relay\r\n\r\n")
+                # Without an upgrade: an endpoint says what it wants (/ would serve the page).
+                await stream.send_all(b"GET /handshake HTTP/1.1\r\nHost: relay\r\n\r\n")
                 outcomes["http"] = await read_until_end(stream)
                 await stream.aclose()
 
@@ -248,7 +249,8 @@ async def test_bad_input_closes_only_that_connection_while_a_transfer_completes(
     big = outcomes["oversized"]
     assert big.code == 1009 and "larger than" in big.reason
     http = outcomes["http"]
-    assert http.startswith(b"HTTP/1.1 400 ") and b"not a WebSocket upgrade request" in http
+    assert http.startswith(b"HTTP/1.1 426 ") and b"not a WebSocket upgrade request" in http
+    assert b"\r\nUpgrade: websocket\r\n" in http
     assert outcomes["path"][0] == 404 and b"no such endpoint '/elsewhere'" in outcomes["path"][1]
     assert outcomes["unmasked"].startswith("the other side closed the WebSocket: 1002 ")
     assert outcomes["ping"] == "pong"
