@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import urllib.parse
 
 import attrs
 
@@ -57,6 +58,18 @@ class RelayAddress:
         """``host[:port]`` as an HTTP Host header names this relay (port left out if default)."""
         host = f"[{self.host}]" if ":" in self.host else self.host
         return host if WEB_PORTS.get(self.scheme) == self.port else f"{host}:{self.port}"
+
+    def page_link(self, code: str | None = None) -> str | None:
+        """The browser peer's page on this relay, None unless it is a WebSocket relay.
+
+        ``ws://H:P/PREFIX/`` serves it at ``http://H:P/PREFIX/`` (``wss`` at ``https``); with
+        ``code``, the link opens the page's receive view with it filled in. The code goes in
+        the fragment only, which a browser never sends to any server.
+        """
+        if not self.websocket:
+            return None
+        link = f"{'https' if self.tls else 'http'}://{self.host_header()}{self.path}"
+        return link if code is None else link + "#receive/" + urllib.parse.quote(code, safe="-")
 
     def __str__(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host

@@ -156,7 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--qr",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="show a generated code as a QR code too, on stderr (default: when stdout is a terminal)",
+        help="show a generated code as a QR code too, on stderr (default: when stdout is a "
+        "terminal); with a ws:// or wss:// relay it holds the browser link printed beside the "
+        "peer recv line, which opens the relay's page with the code filled in",
     )
 
     recv = commands.add_parser("recv", help="receive files", description="Receive what a `peer send` offers.")
@@ -385,12 +387,15 @@ async def _send(args, console: Console) -> int:
         else:
             shown = None if from_env else address
 
+        # A WebSocket relay serves the browser peer: the link lets a phone or a browser receive.
+        link = address.page_link(text if generated else None)
+
         async def announce() -> None:
             # Only once the relay answered: nobody reads a code aloud for a relay that is down.
             console.status.clear()
-            _announce(console, text, generated, shown)
+            _announce(console, text, generated, shown, link)
             if generated and (args.qr if args.qr is not None else sys.stdout.isatty() and not args.quiet):
-                print(qr.render(text), end="", file=sys.stderr, flush=True)
+                print(qr.render(link or text), end="", file=sys.stderr, flush=True)
 
         try:
             return await _send_through(address, password, selection, args, console, announce)
@@ -418,7 +423,8 @@ async def _embedded_relay(nursery: trio.Nursery, args) -> tuple[RelayAddress, Re
     return local, RelayAddress(best_lan_address(), ports.port, ports.secure_port)
 
 
-def _announce(console: Console, text: str, generated: bool, shown: RelayAddress | None) -> None:
+def _announce(console: Console, text: str, generated: bool, shown: RelayAddress | None,
+              link: str | None = None) -> None:
     if generated:
         print(f"Code: {text}", flush=True)
     command = ["peer", "recv"]
@@ -428,6 +434,10 @@ def _announce(console: Console, text: str, generated: bool, shown: RelayAddress 
             command += ["--secure-port", str(shown.secure_port)]
     command.append(text if generated else "<the code>")
     console.info("On the other machine run: " + " ".join(command))
+    if link is not None:
+        # A code the user chose is theirs to tell: it is not written into the link either.
+        console.info(f"Or open in a browser: {link}" if generated
+                     else f"Or open {link} in a browser and type the code there")
 
 
 async def _send_through(address, password, selection, args, console: Console, announce) -> int:

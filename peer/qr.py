@@ -1,9 +1,9 @@
 """The code as a QR code in the terminal, so that a phone can read it instead of a person.
 
-It holds the code itself, exactly as printed. When the relay is a WebSocket relay it should
-one day hold the browser link ``https://RELAY/#receive/CODE`` instead, but no such page
-exists yet: a link to nothing would be worse than the code. Drawn by segno (well kept, pure
-Python, no image library) with half blocks, two rows of modules per line of text.
+It holds the code itself, exactly as printed; or, when the relay is a WebSocket relay, the
+browser link ``https://RELAY/#receive/CODE`` (``RelayAddress.page_link``): a phone's camera
+then opens the relay's page, which receives with the code filled in. Drawn by segno (well
+kept, pure Python, no image library) with half blocks, two rows of modules per line of text.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import io
 
 
 def render(code: str) -> str:
-    """The QR code of ``code`` as lines of text, ready for a terminal."""
+    """The QR code of ``code`` (or a link) as lines of text, ready for a terminal."""
     import segno  # only when a QR code is drawn: the sender's other paths do not pay for it
 
     out = io.StringIO()
