@@ -1,0 +1,177 @@
+// The receive view: a code, the handshake, the offer to accept or decline, progress, and
+// one line at the end. The protocol lives in lib/; this only shows it and asks.
+
+import { receiveRendezvous } from '../lib/rendezvous.js';
+import { prepareSaver, receiveFiles } from '../lib/receiving.js';
+import { action, clearResult, copy, fillList, role, setResult, showStage } from './dom.js';
+import { formatSize, oneLine, plural, printable } from './format.js';
+import { describe } from './listing.js';
+import { ProgressView } from './progress.js';
+import { CodeCompleter } from './completion.js';
+
+export class ReceiveView {
+  constructor(view, { base, words, complete }) {
+    this.view = view;
+    this.base = base;
+    this.form = view.querySelector('[data-stage="code"]');
+    this.input = role(view, 'code-input');
+    this.status = role(view, 'status');
+    this.result = role(view, 'result');
+    this.progress = new ProgressView(view.querySelector('[data-stage="progress"]'));
+    this.completer = new CodeCompleter(this.input, role(view, 'suggestions'), { words, complete });
+    this.controller = null;
+    this.answer = null;  // the pending offer's resolve function
+
+    this.form.addEventListener('submit', (event) => {
+      event.preventDefault();
+      this.start(this.input.value);
+    });
+    for (const button of action(view, 'cancel')) button.addEventListener('click', () => this.cancel());
+    for (const button of action(view, 'again')) button.addEventListener('click', () => this.reset());
+    action(view, 'accept')[0].addEventListener('click', () => this.accept());
+    action(view, 'decline')[0].addEventListener('click', () => this.decline());
+    action(view, 'copy-text')[0].addEventListener('click', (event) => {
+      const source = role(view, 'text-message');
+      copy(source.textContent, event.currentTarget, source);
+    });
+    this.reset();
+  }
+
+  get busy() {
+    return this.controller !== null;
+  }
+
+  reset() {
+    if (this.busy) return;
+    clearResult(this.result);
+    this.progress.reset();
+    this.status.textContent = '';
+    showStage(this.view, 'code');
+  }
+
+  focus() {
+    if (!this.busy && !this.form.hidden) this.input.focus();
+  }
+
+  // Also what `#receive/CODE` calls: the handshake starts at once, but nothing is saved
+  // before the user accepts the offer.
+  async start(typed) {
+    if (this.busy) return;
+    const code = typed.trim();
+    this.input.value = code;
+    if (!code) {
+      this.input.focus();
+      return;
+    }
+    const controller = new AbortController();
+    this.controller = controller;
+    const { signal } = controller;
+    clearResult(this.result);
+    this.status.textContent = 'Connecting to the relay…';
+    showStage(this.view, 'waiting');
+    let outcome;
+    try {
+      const met = await receiveRendezvous({
+        base: this.base, code, signal, onStatus: (text) => { this.status.textContent = text; },
+      });
+      this.status.textContent = 'Waiting for the offer…';
+      outcome = await receiveFiles(met, {
+        signal,
+        decide: (summary) => this.ask(summary, met),
+        onProgress: (progress) => this.progress.update(progress),
+      });
+    } catch (error) {
+      this.finish('failed', signal.aborted ? 'You cancelled.' : oneLine(error));
+      return;
+    }
+    this.finish('done', this.doneLine(outcome));
+  }
+
+  doneLine({ files, bytes, savedAs, text }) {
+    if (text !== undefined && text !== null) return `Received a text message (${formatSize(bytes ?? 0)})`;
+    const where = savedAs ? `, saved as ${printable(savedAs)}` : '';
+    return `Received ${plural(Number(files), 'file')}, ${formatSize(Number(bytes))}${where}`;
+  }
+
+  // Shows the offer and waits for a click; receiving.js calls it once the offer is read.
+  ask(summary, met) {
+    this.summary = summary;
+    const shown = describe(offerEntries(summary), { skipped: summary.skipped || [] });
+    role(this.view, 'offer-summary').textContent = `The sender offers ${shown.headline}`;
+    fillList(role(this.view, 'offer-names'), shown.names);
+    const hidden = role(this.view, 'offer-hidden');
+    hidden.textContent = shown.hidden;
+    hidden.hidden = !shown.hidden;
+    const skipped = role(this.view, 'offer-skipped');
+    skipped.textContent = shown.skipped;
+    skipped.hidden = !shown.skipped;
+    role(this.view, 'offer-from').textContent = printable(met.peerIdentity || 'unknown');
+    role(this.view, 'offer-check').textContent = met.verification;
+    this.progress.reset();
+    this.progress.update({ bytes: 0, total: shown.bytes });
+    showStage(this.view, 'offer');
+    action(this.view, 'accept')[0].focus();
+    return new Promise((resolve, reject) => {
+      this.answer = { resolve, reject };
+    });
+  }
+
+  // Runs inside the click: the File System Access pickers need that user activation, so
+  // prepareSaver is called here and now, before any await.
+  accept() {
+    if (!this.answer) return;
+    const { resolve, reject } = this.answer;
+    let prepared;
+    try {
+      prepared = prepareSaver(this.summary, { preferPicker: true });
+    } catch (error) {
+      this.answer = null;
+      reject(error);
+      return;
+    }
+    Promise.resolve(prepared).then((saver) => {
+      this.answer = null;
+      showStage(this.view, 'progress');
+      resolve({ accept: true, saver });
+    }, (error) => {
+      // Closing the save dialog is not a failure: the offer stays until Accept or Decline.
+      if (error && error.name === 'AbortError') return;
+      this.answer = null;
+      reject(error);
+    });
+  }
+
+  decline() {
+    if (!this.answer) return;
+    const { resolve } = this.answer;
+    this.answer = null;
+    this.status.textContent = 'Declining…';
+    showStage(this.view, 'waiting');
+    resolve({ accept: false });
+  }
+
+  cancel() {
+    if (this.answer) {
+      this.answer.reject(new DOMException('cancelled', 'AbortError'));
+      this.answer = null;
+    }
+    if (this.controller) this.controller.abort();
+  }
+
+  finish(state, line) {
+    this.controller = null;
+    this.answer = null;
+    setResult(this.result, state, line);
+    if (state === 'done') this.progress.finish(Number(this.summary?.totalBytes ?? 0));
+    showStage(this.view, 'outcome');
+  }
+}
+
+// The summary's entries in the listing's shape, whatever field names offer.js chose.
+function offerEntries(summary) {
+  return (summary.entries || []).map((entry) => ({
+    path: entry.path,
+    kind: entry.kind === 'dir' || entry.kind === 'directory' || entry.isDirectory ? 'dir' : 'file',
+    size: entry.size ?? null,
+  }));
+}
