@@ -1,0 +1,475 @@
+"""The browser's data phase (peer/browser/lib/{messages,offer,transfer,zip}.js) against the
+Python reference: messages byte for byte both ways, the same verdicts on good and hostile
+offers, the sessions driven message by message, and ZIP archives Python's zipfile reads.
+One headless Chromium for the whole file."""
+
+from __future__ import annotations
+
+import io
+import json
+import zipfile
+
+import blake3
+import pytest
+from browser import app_server, browser_missing, chromium, run_js
+
+from peer import messages as pm
+from peer.errors import ProtocolError
+from peer.offer import Offer, OfferEntry
+
+pytestmark = pytest.mark.skipif(browser_missing() is not None, reason=browser_missing() or "")
+
+# Turns a decoded message into JSON: bytes as hex, BigInts as strings.
+PLAIN = """
+const plain = (value) => {
+  if (value instanceof Uint8Array) return {hex: Array.from(value, b => b.toString(16).padStart(2, '0')).join('')};
+  if (typeof value === 'bigint') return {big: value.toString()};
+  if (Array.isArray(value)) return value.map(plain);
+  if (value instanceof Set) return [...value].map(plain);
+  if (value && typeof value === 'object') return Object.fromEntries(Object.entries(value).map(([k, v]) => [k, plain(v)]));
+  return value;
+};
+const fromHex = (hex) => Uint8Array.from(hex.match(/../g) || [], h => parseInt(h, 16));
+const toHex = (u8) => Array.from(u8, b => b.toString(16).padStart(2, '0')).join('');
+"""
+
+
+@pytest.fixture(scope="module")
+def page():
+    with app_server() as origin, chromium() as driver:
+        driver.get(origin + "/")
+        yield driver
+
+
+def js(page, body, *args):
+    return run_js(page, PLAIN + body, *args)
+
+
+# --- messages ------------------------------------------------------------------------------
+
+PUBLIC = bytes(range(34))
+
+
+def python_messages():
+    return [
+        pm.Hello(1, [], None),
+        pm.Hello(1, ["big-records", "text", "unknown-size"], pm.public_digest(PUBLIC)),
+        pm.Hello(7, ["x" * 32, "a-b"], None),
+        pm.OfferPart(True, b"{" * 32765),
+        pm.OfferPart(False, b"}"),
+        pm.Answer(False, "the receiver said no"),
+        pm.Answer(False, ""),
+        pm.Answer(True),
+        pm.Answer(True, "", [(3, 16 * 2**20), (2**32 - 1, 2**64 - 1)]),
+        pm.FileStart(0, 0),
+        pm.FileStart(2**32 - 1, 2**53 + 1),
+        pm.Data(b"\x00\xff" * 100),
+        pm.FileEnd(bytes(range(32))),
+        pm.Done(),
+        pm.Ack(2, 1234),
+        pm.Ack(2**64 - 1, 0),
+        pm.Error("disk full"),
+        pm.Error("caf\u00e9 \u202e\x1b[31m"),
+        pm.CompressedData(False, b"zz"),
+        pm.Check(bytes(32)),
+    ]
+
+
+def expected_json(message):
+    """What messages.js's decodeMessage should return for `message`, as PLAIN shows it."""
+    num = lambda n: n if n <= 2**53 - 1 else {"big": str(n)}  # noqa: E731
+    hexed = lambda b: {"hex": bytes(b).hex()}  # noqa: E731
+    if isinstance(message, pm.Hello):
+        return {"type": 1, "version": message.version, "capabilities": list(message.capabilities),
+                "publicDigest": None if message.public_digest is None else hexed(message.public_digest)}
+    if isinstance(message, pm.OfferPart):
+        return {"type": 2, "more": message.more, "chunk": hexed(message.chunk)}
+    if isinstance(message, pm.Answer):
+        return {"type": 3, "accepted": message.accepted, "reason": message.reason,
+                "resumePoints": [[i, num(o)] for i, o in message.resume_points]}
+    if isinstance(message, pm.FileStart):
+        return {"type": 4, "index": message.index, "offset": num(message.offset)}
+    if isinstance(message, pm.Data):
+        return {"type": 5, "data": hexed(message.data)}
+    if isinstance(message, pm.FileEnd):
+        return {"type": 6, "digest": hexed(message.digest)}
+    if isinstance(message, pm.Done):
+        return {"type": 7}
+    if isinstance(message, pm.Ack):
+        return {"type": 8, "fileCount": num(message.file_count), "totalBytes": num(message.total_bytes)}
+    if isinstance(message, pm.Error):
+        return {"type": 9, "reason": message.reason}
+    if isinstance(message, pm.CompressedData):
+        return {"type": 10, "more": message.more, "chunk": hexed(message.chunk)}
+    if isinstance(message, pm.Check):
+        return {"type": 11, "digest": hexed(message.digest)}
+    raise AssertionError(message)
+
+
+def test_javascript_decodes_what_python_encodes(page):
+    messages = python_messages()
+    decoded = js(page, """
+        const m = await import('./lib/messages.js');
+        return args[0].map(hex => plain(m.decodeMessage(fromHex(hex))));
+    """, [message.encode().hex() for message in messages])
+    for message, got in zip(messages, decoded):
+        want = expected_json(message)
+        if isinstance(message, pm.Error):
+            want["reason"] = pm.Error.decode(memoryview(message.encode())[1:]).reason  # cleaned
+        assert got == want, message
+
+
+def test_python_decodes_what_javascript_encodes(page):
+    encoded = js(page, """
+        const m = await import('./lib/messages.js');
+        const digest = m.publicDigest(Uint8Array.from({length: 34}, (_, i) => i));
+        return [
+          m.encodeHello({capabilities: ['big-records', 'text', 'unknown-size'], publicDigest: digest}),
+          m.encodeHello(),
+          m.encodeOfferPiece(true, new Uint8Array(32765).fill(0x7b)),
+          m.encodeOfferPiece(false, fromHex('7d')),
+          m.encodeAccept(),
+          m.encodeDecline('the receiver said no'),
+          m.encodeFileStart(4294967295, 2 ** 53 - 1),
+          m.encodeData(fromHex('00ff00')),
+          m.encodeData(new Uint8Array(262143), {big: true}),
+          m.encodeFileEnd(Uint8Array.from({length: 32}, (_, i) => i)),
+          m.encodeDone(),
+          m.encodeAck(2, 1234),
+          m.encodeError('disk full'),
+          m.encodeError('\u00e9'.repeat(600)),
+        ].map(toHex);
+    """)
+    want = [
+        pm.Hello(1, ["big-records", "text", "unknown-size"], pm.public_digest(PUBLIC)),
+        pm.Hello(1, [], None),
+        pm.OfferPart(True, b"{" * 32765),
+        pm.OfferPart(False, b"}"),
+        pm.Answer(True),
+        pm.Answer(False, "the receiver said no"),
+        pm.FileStart(2**32 - 1, 2**53 - 1),
+        pm.Data(b"\x00\xff\x00"),
+        None,  # a big DATA: Python's Data.encode refuses big ones, decode_message takes it
+        pm.FileEnd(bytes(range(32))),
+        pm.Done(),
+        pm.Ack(2, 1234),
+        pm.Error("disk full"),
+        pm.Error("\u00e9" * 600),
+    ]
+    for hexed, message in zip(encoded, want):
+        data = bytes.fromhex(hexed)
+        if message is None:
+            assert pm.decode_message(data, big=True) == pm.Data(memoryview(bytes(262143)))
+            continue
+        assert data == message.encode(), message  # reasons cut at 1024 bytes alike
+        assert pm.decode_message(data) == pm.decode_message(message.encode())
+
+
+HOSTILE_MESSAGES = [
+    b"",
+    b"\x00",
+    b"\x0c",
+    b"PACK\x00\x00\x00\x02",
+    b"\x01peer-relax\x00\x01\x00",
+    b"\x01peer-relay\x00\x01",
+    b"\x01peer-relay\x00\x01\x01",
+    b"\x01peer-relay\x00\x01\x01\x05text",
+    b"\x01peer-relay\x00\x01\x01\x04TEXT",
+    b"\x01peer-relay\x00\x01\x01\x04t\xe9xt",
+    b"\x01peer-relay\x00\x01\x00\x00",
+    b"\x01peer-relay\x00\x01\x02\x20pub-" + b"0" * 28 + b"\x04text",
+    b"\x01peer-relay\x00\x01\x01\x20pub-" + b"0" * 27 + b"A",
+    b"\x02",
+    b"\x02\x00",
+    b"\x02\x02x",
+    b"\x03",
+    b"\x03\x02",
+    b"\x03\x01\x00\x00\x00",
+    b"\x03\x01\x00\x00\x00\x01" + bytes(11),
+    b"\x03\x00" + b"x" * 1025,
+    b"\x04" + bytes(11),
+    b"\x04" + bytes(13),
+    b"\x05",
+    b"\x05" + bytes(32767),
+    b"\x06" + bytes(31),
+    b"\x07\x00",
+    b"\x08" + bytes(15),
+    b"\x09" + b"x" * 1025,
+    b"\x0a\x01",
+    b"\x0b" + bytes(33),
+]
+
+
+def test_the_same_messages_are_refused(page):
+    verdicts = js(page, """
+        const m = await import('./lib/messages.js');
+        return args[0].map(hex => {
+          try { m.decodeMessage(fromHex(hex)); return null; }
+          catch (error) { return error instanceof m.ProtocolError ? error.message : 'WRONG ' + error; }
+        });
+    """, [data.hex() for data in HOSTILE_MESSAGES])
+    for data, verdict in zip(HOSTILE_MESSAGES, verdicts):
+        with pytest.raises(ProtocolError) as raised:
+            pm.decode_message(data)
+        assert verdict is not None, data
+        assert verdict == str(raised.value), data
+
+
+def test_a_big_data_message_only_under_big_records(page):
+    verdicts = js(page, """
+        const m = await import('./lib/messages.js');
+        const big = new Uint8Array(262144); big[0] = 5;
+        const tooBig = new Uint8Array(262145); tooBig[0] = 5;
+        const bigOther = new Uint8Array(40000); bigOther[0] = 9;
+        const tryIt = (u8, opts) => { try { return m.decodeMessage(u8, opts).data.length; } catch (e) { return e.message; } };
+        return [tryIt(big, {big: true}), tryIt(big, {}), tryIt(tooBig, {big: true}), tryIt(bigOther, {big: true})];
+    """)
+    assert verdicts[0] == 262143
+    for data, verdict in zip([bytes([5]) + bytes(262143), bytes([5]) + bytes(262144), bytes([9]) + bytes(39999)],
+                             verdicts[1:]):
+        with pytest.raises(ProtocolError) as raised:
+            pm.decode_message(data, big=verdict != verdicts[1])
+        assert verdict == str(raised.value)
+
+
+def test_error_reasons_are_cleaned_as_python_cleans_them(page):
+    bodies = [b"ok", b"a\x00b\x1b[2J", b"\xff\xfe", b"\xf0\x80", b"\xe2\x80\xae evil", b"\xef\xbb\xbfbom",
+              "\u2066x\u2069\u061c\u200e".encode(), b"\xed\xa0\x80", b"tab\there\nnewline"]
+    got = js(page, """
+        const m = await import('./lib/messages.js');
+        return args[0].map(hex => m.decodeMessage(fromHex('09' + hex)).reason);
+    """, [body.hex() for body in bodies])
+    assert got == [pm.decode_message(b"\x09" + body).reason for body in bodies]
+
+
+# --- offers --------------------------------------------------------------------------------
+
+def doc(entries=None, **extra):
+    entries = [] if entries is None else entries
+    files = [e for e in entries if isinstance(e, dict) and e.get("kind") == "file"]
+    document = {"version": 1, "features": [], "file_count": len(files),
+                "total_bytes": sum(e.get("size") or 0 for e in files if isinstance(e.get("size"), int)),
+                "entries": entries}
+    document.update(extra)
+    return json.dumps(document, ensure_ascii=False).encode()
+
+
+def f(path, size=1, **extra):
+    return {"kind": "file", "path": path, "size": size, "executable": False, **extra}
+
+
+def d(path, **extra):
+    return {"kind": "dir", "path": path, **extra}
+
+
+GOOD_OFFERS = [
+    doc([f("a.txt")]),
+    doc([d("photos"), f("photos/a.jpg", 1200), d("photos/empty"), f("notes.txt", 34)]),
+    doc([f(".hidden", 0), d(".git"), d(".git/hooks"), f(".git/hooks/x", 5)]),
+    doc([f("caf\u00e9", 3), f("cafe\u0301x", 3)]),
+    doc([f("x", 2**53 - 1)]),
+    doc([f("x", 5)], unknown_key={"anything": [1.5, None]}),
+    doc([f("x", 5, id="0123abcd", executable=True)]),
+    doc([d("d", size=99, executable="no")]),
+    doc([f("x", 5)], skipped=["secret", "dir/other"]),
+    doc([f("1:b", 1), f("CON", 1), f("x.", 1)]),
+    doc([f("x", None)], features=["unknown-size"]),
+    doc([], text="hello \u00e9", features=["text"]),
+    b'{"version":1,"file_count":1.0,"total_bytes":5,"entries":[{"kind":"file","path":"x","size":5}]}',
+    b'{"version":1,"file_count":true,"total_bytes":5,"entries":[{"kind":"file","path":"x","size":5}]}',
+    b'{"version":1, "features":[], "file_count":1,"total_bytes":5,"entries":[{"kind":"file","path":"x","size":5,"id":null}]}',
+    doc([f("\U0001f600/x" if False else "\U0001f600", 1)]),
+    doc([f("y" * 255, 1)]),
+    doc([d("a")] + [d("a/" + "b" * 200)] + [f("a/" + "b" * 200 + "/" + "c" * 200, 1)]),
+    doc([f("x", 0)], version=2),  # any int version parses; the session refuses it
+]
+
+HOSTILE_OFFERS = [
+    b"",
+    b"not json",
+    b"\xef\xbb\xbf" + doc([f("a")]),
+    b"\xff" + doc([f("a")]),
+    b"[]",
+    b"null",
+    b'{"features":[],"file_count":1,"total_bytes":1,"entries":[{"kind":"file","path":"x","size":1}]}',
+    b'{"version":"1","file_count":1,"total_bytes":1,"entries":[{"kind":"file","path":"x","size":1}]}',
+    b'{"version":1.0,"file_count":1,"total_bytes":1,"entries":[{"kind":"file","path":"x","size":1}]}',
+    b'{"version":true,"file_count":1,"total_bytes":1,"entries":[{"kind":"file","path":"x","size":1}]}',
+    doc([f("a")], features="text"),
+    doc([f("a")], features=["Text"]),
+    doc([f("a")], features=None),
+    b'{"version":1,"file_count":0,"total_bytes":0,"entries":{"x":1}}',
+    doc([]),
+    doc(["file"]),
+    doc([{"kind": "link", "path": "x"}]),
+    doc([{"path": "x"}]),
+    doc([{"kind": "file", "path": "x"}]),
+    doc([f("x", -1)]),
+    doc([f("x", 2**63)]),
+    doc([f("x", "5")]),
+    doc([f("x", True)]),
+    b'{"version":1,"file_count":1,"total_bytes":5,"entries":[{"kind":"file","path":"x","size":5.0}]}',
+    doc([f("x", 5, executable=None)]),
+    doc([f("x", 5, executable=1)]),
+    doc([f("x", 5, id="ABC")]),
+    doc([f("x", 5, id="")]),
+    doc([f("x", 5, id=5)]),
+    doc([f("")]),
+    doc([f("/etc/passwd")]),
+    doc([f("../x")]),
+    doc([f("a/../x")]),
+    doc([d("a"), f("a//x")]),
+    doc([f("./x")]),
+    doc([f("a\\b")]),
+    doc([f("C:x")]),
+    doc([f("a\x00b")]),
+    doc([f("a\x7fb")]),
+    doc([f("a\u0085b")]),
+    doc([f("invoice\u202efdp.exe")]),
+    doc([f("a\u2028b")]),
+    doc([f("a\u2066b")]),
+    doc([f("a\u061cb")]),
+    doc([f("y" * 256)]),
+    doc([f("/".join(["y" * 200] * 21))]),
+    b'{"version":1,"file_count":1,"total_bytes":1,"entries":[{"kind":"file","path":"\\ud800","size":1}]}',
+    doc([f("x"), f("x")]),
+    doc([f("caf\u00e9"), f("cafe\u0301")]),
+    doc([f("a/b")]),
+    doc([f("a"), f("a/b")]),
+    doc([f("a/b"), d("a")]),
+    doc([d("a"), d("a")]),
+    doc([f("x", 5)], file_count=2),
+    doc([f("x", 5)], total_bytes=4),
+    doc([f("x", 5)], total_bytes="5"),
+    doc([f("x", 5)], total_bytes=None),
+    doc([f("x", 5)], skipped="secret"),
+    doc([f("x", 5)], skipped=[1]),
+    doc([f("x", 5)], text=5),
+    doc([f("x", 5)], text="and entries"),
+    doc([], text="x" * (1024 * 1024 + 1)),
+    b'{"version":1,"file_count":0,"total_bytes":0,"entries":[],"text":"\\udc00"}',
+    doc([f(f"f{i}", 0) for i in range(100_001)]),
+    b'{"version":1,"file_count":0,"total_bytes":0,"entries":[],"x":"' + b'\\"kind\\"' * 10 + b'",'
+    + b'"y":[' + b",".join([b'"kind"'] * 100_001) + b"]}",
+    b"[" * 100_000 + b"]" * 100_000,
+]
+
+
+def python_verdict(data):
+    try:
+        offer, version, features = Offer.from_json(data)
+    except ProtocolError as error:
+        return None, str(error)
+    return (offer, version, features), None
+
+
+def test_offer_verdicts_match_python(page):
+    documents = GOOD_OFFERS + HOSTILE_OFFERS
+    results = js(page, """
+        const o = await import('./lib/offer.js');
+        return args[0].map(hex => {
+          try {
+            const {offer, version, features} = o.parseOffer(fromHex(hex));
+            return {ok: {entries: offer.entries, fileCount: offer.fileCount, totalBytes: offer.totalBytes,
+                         text: offer.text, skipped: offer.skipped, version, features}};
+          } catch (error) {
+            return {error: error.name + ': ' + error.message};
+          }
+        });
+    """, [data.hex() for data in documents])
+    for data, result in zip(documents, results):
+        parsed, error = python_verdict(data)
+        shown = data[:120]
+        if parsed is None:
+            assert "error" in result, (shown, error)
+            assert result["error"].startswith("ProtocolError: "), (shown, result)
+            continue
+        assert "ok" in result, (shown, result)
+        offer, version, features = parsed
+        got = result["ok"]
+        assert got["version"] == version and set(got["features"]) == set(features)
+        assert (got["fileCount"], got["totalBytes"]) == (offer.file_count, offer.total_bytes)
+        assert got["text"] == offer.text and got["skipped"] == list(offer.skipped)
+        want = [{"kind": e.kind, "path": e.path, **({"size": e.size, "executable": e.executable}
+                                                      if e.is_file else {})} for e in offer.entries]
+        assert got["entries"] == want, shown
+
+
+def test_offers_past_what_a_browser_counts_are_refused_with_a_reason(page):
+    # The one known difference from Python: sizes past 2^53 (8 PiB), which no browser holds.
+    data = doc([f("x", 2**53), f("y", 2**63 - 1 - 2**53)])
+    assert python_verdict(data)[0] is not None
+    error = js(page, """
+        const o = await import('./lib/offer.js');
+        try { o.parseOffer(fromHex(args[0])); return null; } catch (e) { return e.message; }
+    """, data.hex())
+    assert error == "the offer lists more bytes than a browser can count"
+
+
+def test_name_problem_agrees_with_python(page):
+    from peer.offer import name_problem
+    names = ["a", "a/b", "", "/a", "a/", "a//b", ".", "..", "a/./b", ".a", "a\\b", "C:", "c:x", "1:x",
+             "a\x01", "\u200f", "\u2069", "\u00e9", "x" * 4096, "x/" * 2048, "y" * 255 + "/z", "y" * 256,
+             "\U0001f600" * 63, "\U0001f600" * 64, "a:b", "CON"]
+    got = js(page, """
+        const o = await import('./lib/offer.js');
+        return args[0].map(name => o.nameProblem(name));
+    """, names)
+    assert got == [name_problem(name) for name in names]
+
+
+def test_built_offers_are_what_python_writes(page):
+    # Two files at the top, a tree with files before subdirectories, an empty directory.
+    selection = ["b.txt", "a.txt", "photos/z.jpg", "photos/2021/x.jpg", "photos/a.jpg",
+                 "photos/empty/", "\u00e9t\u00e9/\U0001f600.txt", "\u00e9t\u00e9/\uff5e.txt"]
+    built = js(page, """
+        const o = await import('./lib/offer.js');
+        const selection = args[0].map((path, i) => path.endsWith('/')
+          ? {path: path.slice(0, -1)}
+          : {path, file: new File([new Uint8Array(i)], path.split('/').pop())});
+        const {offer, files} = o.buildOffer(selection);
+        return {document: new TextDecoder().decode(o.offerDocument(offer, {features: ['big-records']})),
+                names: files.map(file => file && file.size)};
+    """, selection)
+    entries = [
+        OfferEntry("file", "a.txt", 1), OfferEntry("file", "b.txt", 0),
+        OfferEntry("dir", "photos"), OfferEntry("file", "photos/a.jpg", 4), OfferEntry("file", "photos/z.jpg", 2),
+        OfferEntry("dir", "photos/2021"), OfferEntry("file", "photos/2021/x.jpg", 3),
+        OfferEntry("dir", "photos/empty"),
+        OfferEntry("dir", "\u00e9t\u00e9"), OfferEntry("file", "\u00e9t\u00e9/\uff5e.txt", 7),
+        OfferEntry("file", "\u00e9t\u00e9/\U0001f600.txt", 6),
+    ]
+    assert built["document"].encode() == Offer(entries).to_json(features=["big-records"])
+    assert built["names"] == [None if e.is_directory else e.size for e in entries]
+
+
+def test_building_refuses_what_a_receiver_would(page):
+    cases = [["a/../b"], ["x", "x"], ["a", "a/b"], ["a/b", "a"], ["caf\u00e9", "cafe\u0301"], ["a\u202eb"]]
+    got = js(page, """
+        const o = await import('./lib/offer.js');
+        return args[0].map(paths => {
+          try { o.buildOffer(paths.map(path => ({path, file: new File(['x'], 'x')}))); return null; }
+          catch (error) { return error.message; }
+        });
+    """, cases)
+    assert all(message and message.startswith("cannot send") for message in got), got
+
+
+def test_the_summary_names_every_hidden_path(page):
+    entries = [d("photos"), f("photos/a.jpg"), d("photos/.git"), d("photos/.git/hooks"),
+               f("photos/.git/hooks/post"), d("photos/.empty"), f(".env", 3), f("notes", None)]
+    data = doc(entries, features=["unknown-size"], skipped=["secret"])
+    summary = js(page, """
+        const o = await import('./lib/offer.js');
+        const s = o.summarize(o.parseOffer(fromHex(args[0])).offer);
+        return {topLevel: s.topLevel, hidden: s.hidden, skipped: s.skipped, fileCount: s.fileCount,
+                totalBytes: s.totalBytes, sizesKnown: s.sizesKnown, topItems: s.topItems};
+    """, data.hex())
+    assert summary["topLevel"] == ["photos", ".env", "notes"]
+    assert summary["hidden"] == ["photos/.git/hooks/post", "photos/.empty", ".env"]
+    assert summary["skipped"] == ["secret"]
+    assert (summary["fileCount"], summary["totalBytes"], summary["sizesKnown"]) == (4, 5, False)
+    assert summary["topItems"][0] == {"name": "photos", "directory": True, "files": 2, "bytes": 2, "sizeKnown": True}
+    # Python's prompt lists the same hidden paths.
+    offer = Offer.from_json(data)[0]
+    assert "photos/.git/hooks/post, photos/.empty, .env" in "\n".join(offer.listing())
