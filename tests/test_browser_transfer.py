@@ -473,3 +473,97 @@ def test_the_summary_names_every_hidden_path(page):
     # Python's prompt lists the same hidden paths.
     offer = Offer.from_json(data)[0]
     assert "photos/.git/hooks/post, photos/.empty, .env" in "\n".join(offer.listing())
+
+
+# --- zip -----------------------------------------------------------------------------------
+
+ZIP_JS = """
+const z = await import('./lib/zip.js');
+const chunks = [];
+const writer = new z.ZipWriter(async (bytes) => { chunks.push(bytes.slice()); }, {zip64Threshold: args[1]});
+for (const [kind, path, hex, declared] of args[0]) {
+  if (kind === 'dir') { await writer.directory(path); continue; }
+  const data = fromHex(hex);
+  await writer.beginFile(path, declared === 'unknown' ? null : data.length);
+  // In uneven pieces, as records arrive.
+  for (let at = 0; at < data.length; at += 7777) await writer.write(data.subarray(at, at + 7777));
+  await writer.endFile();
+}
+await writer.finish();
+const size = chunks.reduce((sum, c) => sum + c.length, 0);
+const all = new Uint8Array(size); let at = 0;
+for (const c of chunks) { all.set(c, at); at += c.length; }
+return toHex(all);
+"""
+
+
+def zip_in_browser(page, items, threshold=0xFFFFFFFF):
+    return bytes.fromhex(js(page, ZIP_JS, items, threshold))
+
+
+def zip_items():
+    import random
+    rng = random.Random(7)
+    return [
+        ["dir", "photos", "", None],
+        ["file", "photos/a.jpg", rng.randbytes(30_000).hex(), None],
+        ["dir", "photos/empty", "", None],
+        ["dir", "photos/2021", "", None],
+        ["file", "photos/2021/\u00e9t\u00e9 \U0001f600.txt", b"summer".hex(), None],
+        ["file", "photos/zero", "", None],
+        ["file", "notes.txt", (b"line\n" * 1000).hex(), "unknown"],
+    ]
+
+
+@pytest.mark.parametrize("threshold", [0xFFFFFFFF, 100], ids=["plain", "zip64-forced"])
+def test_python_reads_the_zip_the_browser_writes(page, threshold):
+    items = zip_items()
+    data = zip_in_browser(page, items, threshold)
+    archive = zipfile.ZipFile(io.BytesIO(data))
+    assert archive.testzip() is None  # every CRC checked
+    names = [info.filename for info in archive.infolist()]
+    assert names == [path + "/" if kind == "dir" else path for kind, path, _, _ in items]
+    for kind, path, hexed, _ in items:
+        if kind == "dir":
+            assert archive.getinfo(path + "/").is_dir()
+        else:
+            assert archive.read(path) == bytes.fromhex(hexed)
+            assert archive.getinfo(path).compress_type == zipfile.ZIP_STORED
+    assert all(info.flag_bits & 0x800 for info in archive.infolist())  # UTF-8 names
+    has_zip64 = b"PK\x06\x06" in data and b"PK\x06\x07" in data
+    assert has_zip64 == (threshold == 100)
+    if threshold == 100:
+        # Sizes and offsets past the threshold really are in ZIP64 extra fields.
+        info = archive.getinfo("photos/a.jpg")
+        assert info.extra[:2] == b"\x01\x00" and info.file_size == 30_000
+    # The data descriptors agree with the central directory (what a streaming reader uses).
+    for info in archive.infolist():
+        if info.is_dir():
+            continue
+        end = data.index(b"PK\x07\x08", info.header_offset)
+        crc = int.from_bytes(data[end + 4 : end + 8], "little")
+        assert crc == info.CRC
+
+
+def test_unzip_tests_the_zip_the_browser_writes(page, tmp_path):
+    import shutil
+    import subprocess
+    if not shutil.which("unzip"):
+        pytest.skip("unzip is not installed")
+    for threshold in (0xFFFFFFFF, 100):
+        path = tmp_path / f"t{threshold}.zip"
+        path.write_bytes(zip_in_browser(page, zip_items(), threshold))
+        result = subprocess.run(["unzip", "-t", str(path)], capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0 and "No errors detected" in result.stdout, result.stdout + result.stderr
+
+
+def test_crc32_matches_zlib(page):
+    import random
+    import zlib
+    rng = random.Random(3)
+    samples = [b"", b"a", rng.randbytes(7), rng.randbytes(8), rng.randbytes(1001), rng.randbytes(65_536 + 5)]
+    got = js(page, """
+        const z = await import('./lib/zip.js');
+        return args[0].map(hex => { const d = fromHex(hex); return [z.crc32(d), z.crc32(d.subarray(3), z.crc32(d.subarray(0, 3)))]; });
+    """, [s.hex() for s in samples])
+    assert got == [[zlib.crc32(s), zlib.crc32(s)] for s in samples]
