@@ -135,3 +135,40 @@ def test_both_peers_through_nginx(nginx_in_front, tmp_path):
     s, _, s_err = finish(sending)
     assert (s, r) == (0, 0), s_err + r_err
     assert (out / "note.txt").read_text() == "through the proxy both ways\n"
+
+
+def test_the_browser_peers_page_through_nginx(nginx_in_front):
+    """The relay's / is the page, under nginx's prefix, over https, with its headers intact."""
+    import http.client
+    import ssl
+
+    from relay.webapp import CSP
+
+    _, port, certificates = nginx_in_front
+    context = ssl.create_default_context(cafile=str(certificates.ca))
+
+    def fetch(target: str, headers: dict | None = None) -> tuple[int, dict[str, str], bytes]:
+        connection = http.client.HTTPSConnection("localhost", port, timeout=10, context=context)
+        try:
+            connection.request("GET", target, headers=headers or {})
+            response = connection.getresponse()
+            return response.status, dict(response.getheaders()), response.read()
+        finally:
+            connection.close()
+
+    index = ROOT / "peer" / "browser" / "index.html"
+    status, headers, body = fetch("/peer-relay/")
+    if index.exists():
+        assert (status, body) == (200, index.read_bytes())
+        assert headers["Content-Type"] == "text/html; charset=utf-8"
+    else:
+        assert status == 404 and b"no index.html" in body
+    assert headers["Content-Security-Policy"] == CSP
+    assert headers["X-Content-Type-Options"] == "nosniff"
+    noble = ROOT / "peer" / "browser" / "vendor" / "noble.js"
+    status, headers, body = fetch("/peer-relay/vendor/noble.js")
+    assert (status, body) == (200, noble.read_bytes())
+    assert headers["Content-Type"] == "text/javascript; charset=utf-8"
+    assert headers["Content-Security-Policy"] == CSP
+    status, _, body = fetch("/peer-relay/vendor/noble.js", {"If-None-Match": headers["ETag"]})
+    assert (status, body) == (304, b"")
