@@ -369,6 +369,25 @@ def test_a_sender_vanishing_mid_transfer_leaves_nothing_under_the_final_name(
         time.sleep(0.1)
 
 
+def test_word_completion_and_a_mistyped_word_questioned_before_it_costs_an_attempt(
+        relay, driver, downloads):
+    from selenium.webdriver.common.keys import Keys
+
+    open_page(driver, page(relay))
+    field = wait_shown(driver, '[data-role="code-input"]')
+    field.send_keys("417-cobal", Keys.TAB)
+    assert field.get_attribute("value") == "417-cobalt-"
+    field.send_keys("lemno-unicycle", Keys.ENTER)
+    text = wait_shown(driver, '[data-role="review-text"]').text
+    assert text == "“lemno” is not in the word list. Did you mean 417-cobalt-lemon-unicycle?"
+    assert driver.execute_script("return window.__sockets") == []  # no attempt spent
+    shown(driver, '[data-action="use-correction"]').click()
+    wait_shown(driver, '[data-view="receive"] [data-role="status"]')
+    assert driver.execute_script("return window.__sockets.length") >= 1
+    shown(driver, '[data-view="receive"] [data-action="cancel"]').click()
+    assert outcome(driver, "receive") == ("failed", "You cancelled.")
+
+
 # -- sending -------------------------------------------------------------------------------
 
 

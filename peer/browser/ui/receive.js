@@ -8,6 +8,7 @@ import { formatSize, oneLine, plural, printable } from './format.js';
 import { describe } from './listing.js';
 import { ProgressView } from './progress.js';
 import { CodeCompleter } from './completion.js';
+import { describeSuspect, reviewCode } from './review.js';
 
 export class ReceiveView {
   constructor(view, { base, words, complete }) {
@@ -19,6 +20,9 @@ export class ReceiveView {
     this.result = role(view, 'result');
     this.progress = new ProgressView(view.querySelector('[data-stage="progress"]'));
     this.completer = new CodeCompleter(this.input, role(view, 'suggestions'), { words, complete });
+    this.words = words;
+    this.review = role(view, 'review');
+    this.correction = null;
     this.controller = null;
     this.answer = null;  // the pending offer's resolve function
 
@@ -26,6 +30,12 @@ export class ReceiveView {
       event.preventDefault();
       this.start(this.input.value);
     });
+    this.input.addEventListener('input', () => this.showReview(false));
+    action(view, 'use-correction')[0].addEventListener('click', () => {
+      this.input.value = this.correction;
+      this.start(this.correction, { asTyped: true });
+    });
+    action(view, 'as-typed')[0].addEventListener('click', () => this.start(this.input.value, { asTyped: true }));
     for (const button of action(view, 'cancel')) button.addEventListener('click', () => this.cancel());
     for (const button of action(view, 'again')) button.addEventListener('click', () => this.reset());
     action(view, 'accept')[0].addEventListener('click', () => this.accept());
@@ -46,6 +56,7 @@ export class ReceiveView {
     clearResult(this.result);
     this.progress.reset();
     this.status.textContent = '';
+    this.showReview(false);
     showStage(this.view, 'code');
   }
 
@@ -55,14 +66,18 @@ export class ReceiveView {
 
   // Also what `#receive/CODE` calls: the handshake starts at once, but nothing is saved
   // before the user accepts the offer.
-  async start(typed) {
+  async start(typed, { asTyped = false } = {}) {
     if (this.busy) return;
     const code = typed.trim();
     this.input.value = code;
+    this.showReview(false);
     if (!code) {
+      showStage(this.view, 'code');
       this.input.focus();
       return;
     }
+    if (!asTyped && await this.questioned(code)) return;
+    if (this.busy) return;  // a second start while the word list loaded
     const controller = new AbortController();
     this.controller = controller;
     const { signal } = controller;
@@ -85,6 +100,30 @@ export class ReceiveView {
       return;
     }
     this.finish('done', this.doneLine(outcome));
+  }
+
+  // Whether the code looks mistyped; then the question is shown instead of a handshake.
+  async questioned(code) {
+    let words;
+    try {
+      words = await this.words;
+    } catch {
+      return false;  // no list, no review: the handshake still tells a wrong code
+    }
+    const suspect = reviewCode(code, words);
+    if (!suspect) return false;
+    this.correction = suspect.correction;
+    role(this.view, 'review-text').textContent = describeSuspect(suspect);
+    action(this.view, 'use-correction')[0].hidden = !suspect.correction;
+    this.showReview(true);
+    showStage(this.view, 'code');
+    return true;
+  }
+
+  // The question replaces the Receive button: one primary action at a time.
+  showReview(shown) {
+    this.review.hidden = !shown;
+    action(this.view, 'receive')[0].hidden = shown;
   }
 
   doneLine({ files, bytes, savedAs, text }) {
