@@ -1,0 +1,346 @@
+// Where received bytes go, with one promise: nothing appears under its final name unless it
+// is complete and verified. Two ways:
+// - a streamed download through the service worker (sw.js): the default, and the only way
+//   in an automated browser. The download is closed only after the last file is verified
+//   and errored on any failure, so the browser deletes its partial file.
+// - the File System Access API (Chromium, used by a person): one file through a save
+//   dialog, several into a chosen folder as the real tree. createWritable() writes to a
+//   swap file that takes the name only on close(), which we call once the file is verified.
+//
+// A saver: openFile(entry), write(bytes), commitFile(entry) once verified, finish() after
+// the last, abort(reason) on any failure; `savedAs` says where things went.
+
+import { ZipWriter } from './zip.js';
+
+const HIGH_WATER = 8 * 1024 * 1024;  // bytes queued toward the download before we wait
+const START_TIMEOUT = 15_000;
+const KEEP_ALIVE = 10_000;
+
+const baseName = (path) => path.slice(path.lastIndexOf('/') + 1);
+
+/** Whether the folder and save pickers may be used: a person at a Chromium, not a robot. */
+export function pickerAvailable() {
+  return typeof globalThis.showSaveFilePicker === 'function' && typeof globalThis.showDirectoryPicker === 'function'
+    && !navigator.webdriver;
+}
+
+/** The download's name: the file's, the single top-level directory's, else the nameplate's. */
+export function downloadName(summary, nameplate = '') {
+  const { entries } = summary;
+  if (entries.length === 1 && entries[0].kind === 'file') return entries[0].path;
+  const tops = summary.topLevel;
+  if (tops.length === 1 && entries[0].kind === 'dir') return `${tops[0]}.zip`;
+  return `peer-relay-${nameplate || 'files'}.zip`;
+}
+
+/**
+ * The saver for an accepted offer. With `preferPicker` (and a picker available) this opens a
+ * dialog, so call it straight from the accept button's click handler, before any other
+ * await: the browser allows dialogs only during a user's gesture. Rejects with
+ * Error('you cancelled saving') when the person closes the dialog.
+ */
+export async function prepareSaver(summary, { preferPicker = true, nameplate = '' } = {}) {
+  const single = summary.entries.length === 1 && summary.entries[0].kind === 'file';
+  if (preferPicker && pickerAvailable()) {
+    try {
+      if (single) {
+        const handle = await globalThis.showSaveFilePicker({ suggestedName: summary.entries[0].path });
+        return new PickedFileSaver(handle);
+      }
+      const folder = await globalThis.showDirectoryPicker({ mode: 'readwrite', id: 'peer-relay' });
+      return new PickedTreeSaver(folder, summary.entries);
+    } catch (error) {
+      if (error?.name === 'AbortError') throw new Error('you cancelled saving');
+      throw new Error(`cannot save there: ${error?.message || error}`);
+    }
+  }
+  const name = downloadName(summary, nameplate);
+  const download = await startDownload(name, single ? summary.entries[0].size : null);
+  return single ? new DownloadSaver(download) : new ZipSaver(download, summary.entries);
+}
+
+// --- the streamed download ------------------------------------------------------------------
+
+let registration = null;
+
+async function activeWorker() {
+  if (!('serviceWorker' in navigator)) return null;
+  if (!registration) {
+    const script = new URL('../sw.js', import.meta.url);
+    registration = navigator.serviceWorker.register(script, { scope: new URL('./', script).href, type: 'classic' })
+      .then(async (reg) => {
+        const worker = reg.installing || reg.waiting || reg.active;
+        if (worker.state !== 'activated') {
+          await new Promise((resolve, reject) => {
+            worker.addEventListener('statechange', () => {
+              if (worker.state === 'activated') resolve();
+              if (worker.state === 'redundant') reject(new Error('the download helper (service worker) failed to start'));
+            });
+          });
+        }
+        return reg;
+      });
+    registration.catch(() => { registration = null; });
+  }
+  const reg = await registration;
+  return reg.active;
+}
+
+/**
+ * A download of `name` (`size` bytes, or null when unknown) fed by write(bytes); close()
+ * completes it once the browser has taken every byte, abort(reason) fails it. Falls back to
+ * a Blob in memory where no service worker can run (a private window in some browsers).
+ */
+export async function startDownload(name, size = null) {
+  let worker = null;
+  try {
+    worker = await activeWorker();
+  } catch (error) {
+    worker = null;
+  }
+  if (!worker) return new MemoryDownload(name);
+  const stream = new TransformStream({}, new ByteLengthQueuingStrategy({ highWaterMark: HIGH_WATER }));
+  const id = crypto.randomUUID();
+  const channel = new MessageChannel();
+  const download = new StreamDownload(name, stream.writable.getWriter(), channel.port1, worker);
+  worker.postMessage({ type: 'download', id, name, size, stream: stream.readable }, [stream.readable, channel.port2]);
+  await download.until('registered', 'the download helper did not answer');
+  download.frame = document.createElement('iframe');
+  download.frame.hidden = true;
+  download.frame.src = new URL(`../download/${id}`, import.meta.url).href;
+  document.body.append(download.frame);
+  await download.until('started', 'the browser did not start the download');
+  return download;
+}
+
+class StreamDownload {
+  constructor(name, writer, port, worker) {
+    this.name = name;
+    this.writer = writer;
+    this.port = port;
+    this.seen = new Set();
+    this.listeners = [];
+    this.frame = null;
+    port.onmessage = ({ data }) => {
+      this.seen.add(data?.type);
+      for (const listener of this.listeners.splice(0)) listener();
+    };
+    // A service worker idle for a while may be stopped; messages keep it running.
+    this.keepAlive = setInterval(() => worker.postMessage({ type: 'keep-alive' }), KEEP_ALIVE);
+  }
+
+  until(type, failure, timeout = START_TIMEOUT) {
+    return new Promise((resolve, reject) => {
+      const timer = timeout ? setTimeout(() => reject(new Error(failure)), timeout) : null;
+      const check = () => {
+        if (this.seen.has(type)) {
+          clearTimeout(timer);
+          resolve();
+        } else {
+          this.listeners.push(check);
+        }
+      };
+      check();
+    });
+  }
+
+  async write(bytes) {
+    await this.writer.ready;  // the backpressure of the whole path down to the disk
+    this.writer.write(bytes).catch(() => {});  // a failure surfaces through ready or close
+  }
+
+  async close() {
+    await this.writer.close();
+    await this.until('consumed', '', 0);
+    this.done();
+  }
+
+  async abort(reason) {
+    await this.writer.abort(new Error(reason || 'the transfer failed')).catch(() => {});
+    this.done();
+  }
+
+  done() {
+    clearInterval(this.keepAlive);
+    this.port.close();
+    const { frame } = this;
+    // The download manager owns the download by now; the frame only has to outlive it starting.
+    if (frame) setTimeout(() => frame.remove(), 30_000);
+  }
+}
+
+class MemoryDownload {
+  constructor(name) {
+    this.name = name;
+    this.parts = [];
+  }
+
+  async write(bytes) { this.parts.push(bytes.slice()); }
+
+  async close() {
+    const url = URL.createObjectURL(new Blob(this.parts, { type: 'application/octet-stream' }));
+    this.parts = [];
+    const link = document.createElement('a');
+    link.href = url;
+    link.download = this.name;
+    link.hidden = true;
+    document.body.append(link);
+    link.click();
+    link.remove();
+    setTimeout(() => URL.revokeObjectURL(url), 60_000);
+  }
+
+  async abort() { this.parts = []; }
+}
+
+class DownloadSaver {
+  constructor(download) {
+    this.download = download;
+    this.savedAs = download.name;
+  }
+
+  async openFile() {}
+
+  write(bytes) { return this.download.write(bytes); }
+
+  async commitFile() {}
+
+  finish() { return this.download.close(); }
+
+  abort(reason) { return this.download.abort(reason); }
+}
+
+/** Several entries as one streamed ZIP: directories as they come, in the offer's order. */
+class ZipSaver {
+  constructor(download, entries) {
+    this.download = download;
+    this.savedAs = download.name;
+    this.entries = entries;
+    this.next = 0;
+    this.zip = new ZipWriter((bytes) => download.write(bytes));
+  }
+
+  async directoriesUpTo(entry) {
+    while (this.next < this.entries.length && this.entries[this.next] !== entry) {
+      const pending = this.entries[this.next++];
+      if (pending.kind === 'dir') await this.zip.directory(pending.path);
+    }
+    if (entry) this.next += 1;
+  }
+
+  async openFile(entry) {
+    await this.directoriesUpTo(entry);
+    await this.zip.beginFile(entry.path, entry.size);
+  }
+
+  write(bytes) { return this.zip.write(bytes); }
+
+  commitFile() { return this.zip.endFile(); }
+
+  async finish() {
+    await this.directoriesUpTo(null);
+    await this.zip.finish();
+    await this.download.close();
+  }
+
+  abort(reason) { return this.download.abort(reason); }
+}
+
+// --- the File System Access API -----------------------------------------------------------
+
+class PickedFileSaver {
+  constructor(handle) {
+    this.handle = handle;
+    this.savedAs = handle.name;
+    this.writable = null;
+  }
+
+  async openFile() { this.writable = await this.handle.createWritable(); }
+
+  write(bytes) { return this.writable.write(bytes); }
+
+  async commitFile() {
+    const { writable } = this;
+    this.writable = null;
+    await writable.close();  // the swap file takes the name only now
+  }
+
+  async finish() {}
+
+  async abort() {
+    if (this.writable) await this.writable.abort().catch(() => {});
+  }
+}
+
+class PickedTreeSaver {
+  constructor(folder, entries) {
+    this.folder = folder;
+    this.entries = entries;
+    this.savedAs = `${folder.name}/`;
+    this.directories = new Map([['', folder]]);
+    this.created = [];  // [parent handle, name, kind] of what we made, newest last
+    this.writable = null;
+    this.file = null;
+  }
+
+  async exists(parent, name) {
+    for (const kind of ['getFileHandle', 'getDirectoryHandle']) {
+      try {
+        await parent[kind](name);
+        return true;
+      } catch (error) {
+        if (error.name !== 'NotFoundError' && error.name !== 'TypeMismatchError') throw error;
+      }
+    }
+    return false;
+  }
+
+  async directory(path) {
+    if (this.directories.has(path)) return this.directories.get(path);
+    const slash = path.lastIndexOf('/');
+    const parent = await this.directory(slash < 0 ? '' : path.slice(0, slash));
+    const name = baseName(path);
+    if (slash < 0 && await this.exists(parent, name)) throw new Error(`${path} already exists in ${this.folder.name}`);
+    let handle;
+    try {
+      handle = await parent.getDirectoryHandle(name);
+    } catch (error) {
+      if (error.name !== 'NotFoundError') throw error;
+      handle = await parent.getDirectoryHandle(name, { create: true });
+      this.created.push([parent, name]);
+    }
+    this.directories.set(path, handle);
+    return handle;
+  }
+
+  async openFile(entry) {
+    const slash = entry.path.lastIndexOf('/');
+    const parent = await this.directory(slash < 0 ? '' : entry.path.slice(0, slash));
+    const name = baseName(entry.path);
+    if (await this.exists(parent, name)) throw new Error(`${entry.path} already exists in ${this.folder.name}`);
+    const handle = await parent.getFileHandle(name, { create: true });
+    this.file = [parent, name];
+    this.writable = await handle.createWritable();
+  }
+
+  write(bytes) { return this.writable.write(bytes); }
+
+  async commitFile() {
+    const { writable } = this;
+    this.writable = null;
+    this.file = null;
+    await writable.close();
+  }
+
+  async finish() {
+    for (const entry of this.entries) if (entry.kind === 'dir') await this.directory(entry.path);
+  }
+
+  async abort() {
+    // Committed files stay, each complete and verified; the unfinished one and the
+    // directories we made that are still empty go.
+    if (this.writable) await this.writable.abort().catch(() => {});
+    if (this.file) await this.file[0].removeEntry(this.file[1]).catch(() => {});
+    for (const [parent, name] of this.created.reverse()) await parent.removeEntry(name).catch(() => {});
+  }
+}
