@@ -567,3 +567,211 @@ def test_crc32_matches_zlib(page):
         return args[0].map(hex => { const d = fromHex(hex); return [z.crc32(d), z.crc32(d.subarray(3), z.crc32(d.subarray(0, 3)))]; });
     """, [s.hex() for s in samples])
     assert got == [[zlib.crc32(s), zlib.crc32(s)] for s in samples]
+
+
+# --- hashing -------------------------------------------------------------------------------
+
+def test_the_hashing_workers_agree_with_python_blake3(page):
+    import random
+    rng = random.Random(11)
+    sizes = [0, 1, 1024, 1025, 65_536, 3 * 1024 * 1024 + 17]
+    samples = [rng.randbytes(size) for size in sizes]
+    got = js(page, """
+        const {Hasher} = await import('./lib/hashing.js');
+        // All at once, fed in uneven pieces, so that several hashes share the workers.
+        const hashers = args[0].map(() => new Hasher());
+        const data = args[0].map(fromHex);
+        for (let at = 0; at < 4 * 1048576; at += 100003) {
+          for (let i = 0; i < data.length; i++) {
+            const piece = data[i].subarray(at, at + 100003);
+            if (piece.length) await hashers[i].update(piece);
+          }
+        }
+        const transferred = new Hasher();
+        const owned = data[5].slice();
+        await transferred.update(owned, {transfer: true});
+        return {digests: (await Promise.all(hashers.map(h => h.digest()))).map(toHex),
+                transferred: toHex(await transferred.digest()), detached: owned.length};
+    """, [s.hex() for s in samples])
+    assert got["digests"] == [blake3.blake3(s).hexdigest() for s in samples]
+    assert got["transferred"] == blake3.blake3(samples[5]).hexdigest()
+    assert got["detached"] == 0  # handed over, not copied
+
+
+# --- the sessions, message by message against Python's ------------------------------------
+
+def test_a_javascript_sender_session_talks_to_a_python_receiver_session(page):
+    from peer import transfer
+    receiver = transfer.ReceiverSession(features={"big-records", "text", "unknown-size", "resume", "zstd"},
+                                        sender_public=PUBLIC)
+    hello = receiver.hello()
+    contents = {"a.txt": b"hello", "d/big": bytes(range(256)) * 1500, "d/e/zero": b""}
+    accept_and_ack = []
+    # Python's answers are known ahead: accept, then the ACK of 3 files.
+    total = sum(len(v) for v in contents.values())
+    accept_and_ack = [pm.Answer(True).encode().hex(), pm.Ack(3, total).encode().hex()]
+    result = js(page, """
+        const t = await import('./lib/transfer.js');
+        const o = await import('./lib/offer.js');
+        const {blake3} = await import('./vendor/noble.js');
+        const contents = Object.fromEntries(Object.entries(args[1]).map(([k, v]) => [k, fromHex(v)]));
+        const {offer} = o.buildOffer(Object.keys(contents).map(path => ({path, file: new File([contents[path]], 'x')})));
+        const s = new t.SenderSession(offer, {publicBytes: Uint8Array.from({length: 34}, (_, i) => i)});
+        const out = [];
+        const events = [plain(s.receive(fromHex(args[0])))];
+        out.push(...s.offerMessages());
+        events.push(plain(s.receive(fromHex(args[2][0]))));
+        for (let item = s.nextFile(); item; item = s.nextFile()) {
+          out.push(s.beginFile());
+          const data = contents[item.entry.path];
+          for (let at = 0; at < data.length;) { const n = Math.min(s.dataRoom(), data.length - at); out.push(s.dataMessage(data.subarray(at, at + n))); at += n; }
+          out.push(s.endFile(blake3(data)));
+        }
+        out.push(s.done());
+        events.push(plain(s.receive(fromHex(args[2][1]))));
+        return {messages: out.map(toHex), events, succeeded: s.succeeded, features: [...s.features]};
+    """, hello.hex(), {k: v.hex() for k, v in contents.items()}, accept_and_ack)
+    assert result["events"][0]["type"] == "hello"
+    assert result["features"] == ["big-records"]  # neither zstd nor resume, though offered
+    assert result["events"][1] == {"type": "accepted"}
+    assert result["events"][2] == {"type": "completed", "fileCount": 3, "totalBytes": total}
+    assert result["succeeded"]
+    received = {}
+    current = None
+    event = None
+    for hexed in result["messages"]:
+        event = receiver.receive(bytes.fromhex(hexed))
+        if isinstance(event, transfer.OfferReceived):
+            assert [e.path for e in event.offer.entries] == ["a.txt", "d", "d/big", "d/e", "d/e/zero"]
+            receiver.accept()
+        elif isinstance(event, transfer.FileStarted):
+            current = event.entry.path
+            received[current] = b""
+        elif isinstance(event, transfer.FileData):
+            received[current] += bytes(event.data)
+        elif isinstance(event, transfer.FileFinished):
+            assert event.digest == blake3.blake3(received[current]).digest()
+    assert isinstance(event, transfer.TransferDone)
+    assert received == contents
+    assert receiver.acknowledge().hex() == accept_and_ack[1]
+
+
+def test_a_python_sender_session_talks_to_a_javascript_receiver_session(page):
+    from peer import transfer
+    hello = js(page, """
+        const t = await import('./lib/transfer.js');
+        return toHex(new t.ReceiverSession({senderPublic: Uint8Array.from({length: 34}, (_, i) => i)}).hello());
+    """)
+    entries = [OfferEntry("dir", "p"), OfferEntry("file", "p/a", 70_000), OfferEntry("file", "p/none", 0),
+               OfferEntry("file", "top", 3)]
+    contents = {"p/a": bytes(70_000), "p/none": b"", "top": b"abc"}
+    sender = transfer.SenderSession(Offer(entries), features={"big-records", "text"}, public=PUBLIC)
+    assert isinstance(sender.receive(bytes.fromhex(hello)), transfer.HelloReceived)
+    assert sender.features == {"big-records", "text"}
+    first = [m.hex() for m in sender.offer_messages()]
+    sender.receive(pm.Answer(True).encode())
+    rest = []
+    while (entry := sender.next_file()) is not None:
+        rest.append(sender.begin_file(entry).hex())
+        data = contents[entry.path]
+        at = 0
+        while sender.file_remaining:
+            buffer = sender.data_buffer()
+            n = len(buffer)
+            buffer[:n] = data[at : at + n]
+            rest.append(bytes(sender.data_message(n)).hex())
+            at += n
+        rest.append(sender.end_file(blake3.blake3(data).digest()).hex())
+    rest.append(sender.done().hex())
+    result = js(page, """
+        const t = await import('./lib/transfer.js');
+        const r = new t.ReceiverSession({senderPublic: Uint8Array.from({length: 34}, (_, i) => i)});
+        r.hello();
+        const events = [];
+        for (const hex of args[0]) events.push(plain(r.receive(fromHex(hex))));
+        const accept = toHex(r.accept());
+        const sizes = [];
+        for (const hex of args[1]) {
+          const event = r.receive(fromHex(hex));
+          events.push(event.type);
+          if (event.type === 'file-data') sizes.push(event.data.length);
+        }
+        return {events, accept, sizes, ack: toHex(r.acknowledge())};
+    """, first, rest)
+    assert result["events"][-1 - len(rest)]["type"] == "offer"
+    assert result["accept"] == pm.Answer(True).encode().hex()
+    assert max(result["sizes"]) > 32766  # big records, which it offered
+    assert result["events"][-1] == "transfer-done"
+    assert isinstance(sender.receive(bytes.fromhex(result["ack"])), transfer.Completed)
+
+
+def test_the_receiver_session_refuses_what_python_refuses(page):
+    """Driven message by message into a failure; the same verdict, and it stays failed."""
+    offer = Offer([OfferEntry("file", "a", 5)]).to_json(features=["big-records"])
+    pieces = [pm.OfferPart(False, offer).encode()]
+    cases = [
+        pieces + [pm.FileStart(1, 0).encode()],
+        pieces + [pm.FileStart(0, 5).encode()],
+        pieces + [pm.FileStart(0, 0).encode(), pm.Data(b"123456").encode()],
+        pieces + [pm.FileStart(0, 0).encode(), pm.Data(b"1234").encode(), pm.FileEnd(bytes(32)).encode()],
+        pieces + [pm.Done().encode()],
+        pieces + [pm.FileStart(0, 0).encode(), pm.Check(bytes(32)).encode()],
+        pieces + [pm.FileStart(0, 0).encode(), pm.CompressedData(False, b"x").encode()],
+        [pm.OfferPart(False, Offer([OfferEntry("file", "a", 5)]).to_json(features=["zstd"])).encode()],
+        [pm.OfferPart(False, Offer([OfferEntry("file", "a", None)]).to_json()).encode()],
+        [pm.OfferPart(False, Offer([OfferEntry("file", "a", 5)]).to_json(version=2)).encode()],
+        [pm.Ack(0, 0).encode()],
+        [b"PACK\x00\x00\x00\x02"],
+    ]
+    got = js(page, """
+        const t = await import('./lib/transfer.js');
+        return args[0].map(messages => {
+          const r = new t.ReceiverSession();
+          r.hello();
+          try {
+            for (const hex of messages) { const e = r.receive(fromHex(hex)); if (e && e.type === 'offer') r.accept(); }
+            return null;
+          } catch (error) {
+            let again = null;
+            try { r.receive(fromHex('07')); } catch (e) { again = e.message; }
+            return [error.name, error.message, again];
+          }
+        });
+    """, [[m.hex() for m in case] for case in cases])
+    from peer import transfer
+    for case, verdict in zip(cases, got):
+        receiver = transfer.ReceiverSession(features={"big-records", "text", "unknown-size"})
+        receiver.hello()
+        with pytest.raises(ProtocolError) as raised:
+            for message in case:
+                if isinstance(receiver.receive(message), transfer.OfferReceived):
+                    receiver.accept()
+        assert verdict is not None, case
+        assert verdict[0] == "ProtocolError" and verdict[2] == verdict[1], verdict
+        assert verdict[1] == str(raised.value)
+
+
+def test_the_sender_session_checks_the_public_and_the_ack(page):
+    got = js(page, """
+        const t = await import('./lib/transfer.js');
+        const m = await import('./lib/messages.js');
+        const o = await import('./lib/offer.js');
+        const {offer} = o.buildOffer([{path: 'a', file: new File(['abc'], 'a')}]);
+        const mine = Uint8Array.from({length: 34}, (_, i) => i);
+        const other = mine.slice(); other[33] ^= 1;
+        const s = new t.SenderSession(offer, {publicBytes: mine});
+        let altered;
+        try { s.receive(m.encodeHello({capabilities: ['big-records'], publicDigest: m.publicDigest(other)})); }
+        catch (e) { altered = [e.name, e.message]; }
+        const s2 = new t.SenderSession(offer, {publicBytes: mine});
+        s2.receive(m.encodeHello({capabilities: [], publicDigest: m.publicDigest(mine)}));
+        s2.offerMessages(); s2.receive(m.encodeAccept());
+        s2.beginFile(); s2.dataMessage(new Uint8Array(3)); s2.endFile(new Uint8Array(32)); s2.done();
+        let wrongAck;
+        try { s2.receive(m.encodeAck(1, 4)); } catch (e) { wrongAck = e.message; }
+        return {altered, wrongAck, bigRoom: s2.maxData};
+    """)
+    assert got["altered"][0] == "HandshakeAltered"
+    assert got["altered"][1].startswith("the relay altered the handshake")
+    assert got["wrongAck"] == "the receiver confirmed 1 files and 4 bytes, but 1 files and 3 bytes were sent"
+    assert got["bigRoom"] == 32766  # no big-records in that hello

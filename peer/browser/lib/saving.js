@@ -277,6 +277,7 @@ class PickedTreeSaver {
     this.folder = folder;
     this.entries = entries;
     this.savedAs = `${folder.name}/`;
+    this.keepsCommitted = true;  // files verified before a failure stay, as with peer recv
     this.directories = new Map([['', folder]]);
     this.created = [];  // [parent handle, name, kind] of what we made, newest last
     this.writable = null;

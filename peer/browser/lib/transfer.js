@@ -54,13 +54,14 @@ class Session {
  *   send(done()); receive(ack)
  */
 export class SenderSession extends Session {
-  /** `publicBytes`: the spoke public we announced; a HELLO that saw another one is refused. */
-  constructor(offer, { features = [FEATURES.BIG_RECORDS], publicBytes = null } = {}) {
+  /** `publicBytes`: the spoke public we announced (or `publicDigest`, its 14-byte digest);
+   * a HELLO that saw another one is refused. */
+  constructor(offer, { features = [FEATURES.BIG_RECORDS], publicBytes = null, publicDigest: digest = null } = {}) {
     super('waiting for the receiver\'s hello');
     this.role = 'sender';
     this.offer = offer;
     this.supported = new Set(features);
-    this.publicBytes = publicBytes;
+    this.ownDigest = digest ?? (publicBytes ? publicDigest(publicBytes) : null);
     this.features = new Set();
     this.version = PROTOCOL_VERSION;
     this.fileIndices = offer.entries.flatMap((entry, i) => (entry.kind === 'file' ? [i] : []));
@@ -93,7 +94,7 @@ export class SenderSession extends Session {
 
   onHello(hello) {
     if (hello.version < 1) throw this.fail(`the receiver speaks version ${hello.version}, this sender needs 1`);
-    if (hello.publicDigest && this.publicBytes && !equalBytes(hello.publicDigest, publicDigest(this.publicBytes))) {
+    if (hello.publicDigest && this.ownDigest && !equalBytes(hello.publicDigest, this.ownDigest)) {
       throw this.fail('the relay altered the handshake: the receiver was announced other sender parameters '
         + 'than we sent (cipher ids rewritten on the way)', HandshakeAltered);
     }
@@ -356,5 +357,47 @@ export class ReceiverSession extends Session {
     this.expect('about to acknowledge');
     this.state = 'finished';
     return encodeAck(this.offer.fileCount, this.offer.totalBytes + this.unsizedBytes);
+  }
+}
+
+/**
+ * Progress for the page: `advance(n)` as bytes move; `report({bytes, total, file, rate,
+ * eta})` runs at most every `interval` ms, and once more at `end()`. Rate in bytes/s over
+ * the last few seconds; eta in seconds, null when the total is unknown.
+ */
+export class Progress {
+  constructor(total, report, { interval = 100, now = () => performance.now() } = {}) {
+    this.total = total;
+    this.report = report;
+    this.interval = interval;
+    this.now = now;
+    this.bytes = 0;
+    this.file = null;
+    this.started = now();
+    this.last = -Infinity;
+    this.samples = [[this.started, 0]];
+  }
+
+  advance(count) {
+    this.bytes += count;
+    const time = this.now();
+    if (time - this.last >= this.interval) this.emit(time);
+  }
+
+  end() { this.emit(this.now()); }
+
+  emit(time) {
+    this.last = time;
+    this.samples.push([time, this.bytes]);
+    while (this.samples.length > 2 && time - this.samples[1][0] > 3000) this.samples.shift();
+    const [since, from] = this.samples[0];
+    const rate = time > since ? ((this.bytes - from) * 1000) / (time - since) : 0;
+    const left = this.total === null ? null : Math.max(0, this.total - this.bytes);
+    const eta = left === null || !rate ? null : left / rate;
+    try {
+      this.report({ bytes: this.bytes, total: this.total, file: this.file, rate, eta });
+    } catch (error) {
+      // the page's drawing must not break the transfer
+    }
   }
 }
