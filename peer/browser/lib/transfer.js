@@ -16,6 +16,11 @@ export class HandshakeAltered extends ProtocolError {
   constructor(message) { super(message); this.name = 'HandshakeAltered'; }
 }
 
+// The rendezvous may hand the public's digest over as hex (spoke.js's publicDigest) or bytes.
+const digestBytes = (value) => (typeof value === 'string'
+  ? Uint8Array.from(value.match(/../g) ?? [], (pair) => parseInt(pair, 16))
+  : value);
+
 const equalBytes = (a, b) => a.length === b.length && a.every((value, i) => value === b[i]);
 
 class Session {
@@ -61,7 +66,7 @@ export class SenderSession extends Session {
     this.role = 'sender';
     this.offer = offer;
     this.supported = new Set(features);
-    this.ownDigest = digest ?? (publicBytes ? publicDigest(publicBytes) : null);
+    this.ownDigest = publicBytes ? publicDigest(publicBytes) : (digest ? digestBytes(digest) : null);
     this.features = new Set();
     this.version = PROTOCOL_VERSION;
     this.fileIndices = offer.entries.flatMap((entry, i) => (entry.kind === 'file' ? [i] : []));
@@ -222,7 +227,7 @@ export class ReceiverSession extends Session {
     for (const name of [FEATURES.ZSTD, FEATURES.RESUME, FEATURES.PACK_ACK]) {
       if (this.supported.has(name)) throw new Error(`the browser cannot offer ${name}`);
     }
-    this.publicDigest = digest ?? (senderPublic ? publicDigest(senderPublic) : null);
+    this.publicDigest = senderPublic ? publicDigest(senderPublic) : (digest ? digestBytes(digest) : null);
     this.big = this.supported.has(FEATURES.BIG_RECORDS);
     this.features = new Set();
     this.offer = null;
