@@ -5,7 +5,7 @@ real relay."""
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import os
 import re
 import secrets
@@ -21,7 +21,7 @@ from peer.messages import public_digest
 from peer.offer import verification_string
 from relay import wire
 
-from browser import ScriptError, app_server, browser_missing, chromium, run_js
+from browser import app_server, browser_missing, chromium, run_js
 from processes import finish, peer
 from transport_helpers import start_relay
 
@@ -938,17 +938,26 @@ def test_a_wrong_code_in_the_browser_is_a_one_line_rendezvous_error(page, relay,
     (tmp_path / "f.bin").write_bytes(b"x")
     sender = peer("send", "--relay", f"ws://127.0.0.1:{relay.ws_port}/", "f.bin", "--password", code, cwd=tmp_path)
     try:
+        # Three tries spend the sender's three attempts; each told it "wrong code" (0d 01),
+        # so it blames a mistyped code and nobody abandoning the handshake.
         got = js(page, """
             const words = await c.loadWords('words.txt');
-            try {
-              await rv.receiveRendezvous({ base: args[0], code: args[1], words });
-              return 'paired';
-            } catch (e) { return [e.constructor.name, e.why, e.message]; }
+            const outcomes = [];
+            for (let i = 0; i < 3; i++) {
+              try {
+                await rv.receiveRendezvous({ base: args[0], code: args[1], words });
+                outcomes.push('paired');
+              } catch (e) { outcomes.push([e.constructor.name, e.why, e.message]); }
+            }
+            return outcomes;
         """, f"http://127.0.0.1:{relay.ws_port}/", wrong)
+        status, _, err = finish(sender, LIMIT)
     finally:
         _stop(sender)
-    assert got[0] == "RendezvousError" and got[1] == "wrong_code"
-    assert got[2].startswith("wrong code") and "\n" not in got[2]
+    for name, why, message in got:
+        assert (name, why) == ("RendezvousError", "wrong_code")
+        assert message.startswith("wrong code") and "\n" not in message
+    assert status != 0 and "3 wrong codes" in err and "abandoned" not in err, err
 
 
 def test_browser_to_browser_through_the_relay_and_throughput(page, relay):
@@ -1010,3 +1019,49 @@ def test_channel_receive_rate_in_the_page(page):
     """)
     print(f"\nChannel.receive, 256 KiB records, in-page: {got['rate']:.0f} MiB/s")
     assert got["bytes"] == 64 * 256 * 1024
+
+
+def test_relay_urls_follow_the_page(page):
+    got = js(page, """
+        return [
+          rv.relayUrl('https://relay.example/peer/#receive/417-a-b-c', 'handshake', 417),
+          rv.relayUrl('http://127.0.0.1:8000/index.html?x=1', 'room', null),
+          rv.relayUrl(new URL('http://[::1]:9/a/b/'), 'room', 65535),
+        ];
+    """)
+    assert got == ["wss://relay.example/peer/handshake?nameplate=417", "ws://127.0.0.1:8000/room",
+                   "ws://[::1]:9/a/b/room?nameplate=65535"]
+
+
+def test_cancelling_a_rendezvous_through_its_signal(page, relay):
+    got = js(page, """
+        const words = await c.loadWords('words.txt');
+        const controller = new AbortController();
+        const stages = [];
+        try {
+          await rv.receiveRendezvous({ base: args[0], code: c.generateCode(words), words, signal: controller.signal,
+            onStatus: (text, stage) => { stages.push(stage); if (stage === 'registered') controller.abort(); } });
+          return 'paired';
+        } catch (e) { return [e.name, stages]; }
+    """, f"http://127.0.0.1:{relay.ws_port}/")
+    assert got == ["AbortError", ["connecting", "registered"]]
+
+
+def test_a_relay_that_is_not_there_is_one_line(page):
+    with socket_closed_port() as port:
+        got = js(page, """
+            try { await rv.sendRendezvous({ base: args[0], code: '417-abacus-zoom-zebra', words: ['abacus', 'zoom', 'zebra'] }); return 'paired'; }
+            catch (e) { return [e.constructor.name, e.why, e.message]; }
+        """, f"http://127.0.0.1:{port}/")
+    assert got == ["RendezvousError", "unreachable", f"could not reach the relay at 127.0.0.1:{port}"]
+
+
+@contextlib.contextmanager
+def socket_closed_port():
+    """A loopback port nothing listens on (bound, then closed, so nobody took it since)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    yield port

@@ -74,6 +74,14 @@ function plural(n, word) {
   return `${n} ${word}${n === 1 ? '' : 's'}`;
 }
 
+async function sendQuietly(link, out) {
+  try {
+    if (out.length) await link.send(concat(...out));
+  } catch {
+    // the connection is going anyway
+  }
+}
+
 /** Run a handshake machine over the relay's handshake endpoint until it pairs. */
 async function meet(machine, { base, onStatus, signal, role }) {
   const url = relayUrl(base, 'handshake', machine.nameplate);
@@ -103,7 +111,10 @@ async function meet(machine, { base, onStatus, signal, role }) {
             break;
           case 'bobSender':
             // Without a nameplate the code is likely a bob password, and that sender ours.
-            if (machine.nameplate === null) throw new RendezvousError(BOB_SENDER, 'bob');
+            if (machine.nameplate === null) {
+              await sendQuietly(link, out);
+              throw new RendezvousError(BOB_SENDER, 'bob');
+            }
             onStatus(`a sender that runs bob was announced and skipped; waiting for the sender (nameplate ${machine.nameplate})`, 'registered');
             break;
           case 'proofFailed':
@@ -119,6 +130,8 @@ async function meet(machine, { base, onStatus, signal, role }) {
             onStatus('a receiver declined; waiting for the receiver', 'registered');
             break;
           case 'failed':
+            // What the machine said last (a Spoke_failure) tells the other side why.
+            await sendQuietly(link, out);
             throw new RendezvousError(event.reason, event.why);
           case 'paired':
             if (out.length) await link.send(concat(...out));
