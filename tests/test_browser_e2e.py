@@ -49,14 +49,17 @@ def relay():
         relay.stop()
 
 
-# Runs before the page's own scripts (CDP-injected, so outside the page's CSP): records
-# every WebSocket URL the page opens, for the check that the code is in none of them.
+# Runs before the page's own scripts (CDP-injected, so outside the page's CSP): records every
+# WebSocket URL the page opens (either API), for the check that the code is in none of them.
 RECORD_SOCKETS = """
-const Original = window.WebSocket;
 window.__sockets = [];
-window.WebSocket = class extends Original {
-  constructor(url, ...rest) { super(url, ...rest); window.__sockets.push(String(url)); }
-};
+for (const name of ['WebSocket', 'WebSocketStream']) {
+  const Original = window[name];
+  if (typeof Original !== 'function') continue;
+  window[name] = class extends Original {
+    constructor(url, ...rest) { super(url, ...rest); window.__sockets.push(String(url)); }
+  };
+}
 """
 
 
@@ -178,10 +181,16 @@ def shown(driver, css: str):
 
 
 def wait_shown(driver, css: str, timeout: float = LIMIT):
+    from selenium.common.exceptions import TimeoutException
     from selenium.webdriver.support.ui import WebDriverWait
 
-    return WebDriverWait(driver, timeout, poll_frequency=0.05).until(
-        lambda d: shown(d, css), f"{css} never appeared")
+    try:
+        return WebDriverWait(driver, timeout, poll_frequency=0.05).until(lambda d: shown(d, css))
+    except TimeoutException:
+        said = driver.execute_script(
+            "return [...document.querySelectorAll('.alert, .result, .status, .warning')]"
+            ".filter(e => e.offsetParent !== null).map(e => e.textContent.trim())")
+        raise AssertionError(f"{css} never appeared; the page says {said}") from None
 
 
 def outcome(driver, view: str, timeout: float = LIMIT) -> tuple[str, str]:
@@ -286,10 +295,11 @@ def test_the_browser_receives_a_20_mib_file(relay, driver, downloads, peers, tmp
     assert sender.finish() == 0, sender.stderr
     assert sorted(os.listdir(downloads)) == ["big.bin"]
     # The code never left the browser: not in the address bar once read, and in no URL the
-    # page asked for (documents, scripts, fetches, the download, WebSockets).
+    # page fetched (scripts, styles, the word list) or connected to (WebSockets). The
+    # navigation's own URL holds it only in the fragment, which no HTTP request carries.
     assert code not in driver.current_url
     asked = driver.execute_script(
-        "return [...performance.getEntries().map(e => e.name), ...(window.__sockets || [])]")
+        "return [...performance.getEntriesByType('resource').map(e => e.name), ...(window.__sockets || [])]")
     assert any("/handshake" in url for url in asked), asked  # the recorder saw the sockets
     words = code.split("-")[1:]
     assert not [url for url in asked if any(word in url for word in words)], asked
@@ -372,6 +382,7 @@ def test_a_sender_vanishing_mid_transfer_leaves_nothing_under_the_final_name(
 def test_word_completion_and_a_mistyped_word_questioned_before_it_costs_an_attempt(
         relay, driver, downloads):
     from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
 
     open_page(driver, page(relay))
     field = wait_shown(driver, '[data-role="code-input"]')
@@ -382,8 +393,8 @@ def test_word_completion_and_a_mistyped_word_questioned_before_it_costs_an_attem
     assert text == "“lemno” is not in the word list. Did you mean 417-cobalt-lemon-unicycle?"
     assert driver.execute_script("return window.__sockets") == []  # no attempt spent
     shown(driver, '[data-action="use-correction"]').click()
-    wait_shown(driver, '[data-view="receive"] [data-role="status"]')
-    assert driver.execute_script("return window.__sockets.length") >= 1
+    WebDriverWait(driver, LIMIT, poll_frequency=0.05).until(
+        lambda d: d.execute_script("return window.__sockets.length") >= 1, "the corrected code was not tried")
     shown(driver, '[data-view="receive"] [data-action="cancel"]').click()
     assert outcome(driver, "receive") == ("failed", "You cancelled.")
 

@@ -1,3 +1,5 @@
+import { sentence } from './format.js';
+
 // The few DOM chores every view repeats. Elements are found by data-role, the names the
 // tests use too, so markup and code agree on one vocabulary.
 
@@ -19,11 +21,10 @@ export function showStage(view, name) {
 }
 
 // The outcome element carries data-state only while it shows one, so that a test looking
-// for [data-state="done"] never finds a stale or hidden one. Messages from lib/ start in
-// lower case, like the Python peer's; standing alone they become a sentence.
+// for [data-state="done"] never finds a stale or hidden one.
 export function setResult(element, state, text) {
   element.dataset.state = state;
-  element.textContent = text.charAt(0).toUpperCase() + text.slice(1);
+  element.textContent = sentence(text);
 }
 
 export function clearResult(element) {

@@ -50,3 +50,9 @@ export function oneLine(error) {
   const line = text.split('\n', 1)[0].trim();
   return line || 'unknown error';
 }
+
+// A message from lib/ (lower case, no full stop, like the Python peer's) as a sentence.
+export function sentence(text) {
+  const line = String(text);
+  return line.charAt(0).toUpperCase() + line.slice(1);
+}

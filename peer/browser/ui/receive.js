@@ -2,9 +2,10 @@
 // one line at the end. The protocol lives in lib/; this only shows it and asks.
 
 import { receiveRendezvous } from '../lib/rendezvous.js';
-import { prepareSaver, receiveFiles } from '../lib/receiving.js';
+import { receiveFiles } from '../lib/receiving.js';
+import { prepareSaver } from '../lib/saving.js';
 import { action, clearResult, copy, fillList, role, setResult, showStage } from './dom.js';
-import { formatSize, oneLine, plural, printable } from './format.js';
+import { formatSize, oneLine, plural, printable, sentence } from './format.js';
 import { describe } from './listing.js';
 import { ProgressView } from './progress.js';
 import { CodeCompleter } from './completion.js';
@@ -18,6 +19,8 @@ export class ReceiveView {
     this.input = role(view, 'code-input');
     this.status = role(view, 'status');
     this.result = role(view, 'result');
+    this.met = null;
+    this.summary = null;
     this.progress = new ProgressView(view.querySelector('[data-stage="progress"]'));
     this.completer = new CodeCompleter(this.input, role(view, 'suggestions'), { words, complete });
     this.words = words;
@@ -54,6 +57,8 @@ export class ReceiveView {
   reset() {
     if (this.busy) return;
     clearResult(this.result);
+    role(this.view, 'text-block').hidden = true;
+    role(this.view, 'text-message').textContent = '';
     this.progress.reset();
     this.status.textContent = '';
     this.showReview(false);
@@ -82,21 +87,30 @@ export class ReceiveView {
     this.controller = controller;
     const { signal } = controller;
     clearResult(this.result);
+    role(this.view, 'text-block').hidden = true;
     this.status.textContent = 'Connecting to the relay…';
     showStage(this.view, 'waiting');
     let outcome;
     try {
+      const words = await this.words.catch(() => undefined);
       const met = await receiveRendezvous({
-        base: this.base, code, signal, onStatus: (text) => { this.status.textContent = text; },
+        base: this.base, code, signal, words,
+        onStatus: (text) => { this.status.textContent = sentence(text); },
       });
+      this.met = met;
       this.status.textContent = 'Waiting for the offer…';
       outcome = await receiveFiles(met, {
-        signal,
         decide: (summary) => this.ask(summary, met),
         onProgress: (progress) => this.progress.update(progress),
       });
     } catch (error) {
       this.finish('failed', signal.aborted ? 'You cancelled.' : oneLine(error));
+      return;
+    }
+    if (outcome.text !== null && outcome.text !== undefined) {
+      role(this.view, 'text-message').textContent = outcome.text;
+      role(this.view, 'text-block').hidden = false;
+      this.finish('done', 'Received a text message');
       return;
     }
     this.finish('done', this.doneLine(outcome));
@@ -126,8 +140,7 @@ export class ReceiveView {
     action(this.view, 'receive')[0].hidden = shown;
   }
 
-  doneLine({ files, bytes, savedAs, text }) {
-    if (text !== undefined && text !== null) return `Received a text message (${formatSize(bytes ?? 0)})`;
+  doneLine({ files, bytes, savedAs }) {
     const where = savedAs ? `, saved as ${printable(savedAs)}` : '';
     return `Received ${plural(Number(files), 'file')}, ${formatSize(Number(bytes))}${where}`;
   }
@@ -135,9 +148,12 @@ export class ReceiveView {
   // Shows the offer and waits for a click; receiving.js calls it once the offer is read.
   ask(summary, met) {
     this.summary = summary;
-    const shown = describe(offerEntries(summary), { skipped: summary.skipped || [] });
-    role(this.view, 'offer-summary').textContent = `The sender offers ${shown.headline}`;
-    fillList(role(this.view, 'offer-names'), shown.names);
+    const text = summary.text !== null && summary.text !== undefined;
+    const shown = describe(summary.entries, { skipped: summary.skipped || [] });
+    role(this.view, 'offer-summary').textContent = text
+      ? `The sender offers a text message (${formatSize(new TextEncoder().encode(summary.text).length)})`
+      : `The sender offers ${shown.headline}`;
+    fillList(role(this.view, 'offer-names'), text ? [] : shown.names);
     const hidden = role(this.view, 'offer-hidden');
     hidden.textContent = shown.hidden;
     hidden.hidden = !shown.hidden;
@@ -147,7 +163,7 @@ export class ReceiveView {
     role(this.view, 'offer-from').textContent = printable(met.peerIdentity || 'unknown');
     role(this.view, 'offer-check').textContent = met.verification;
     this.progress.reset();
-    this.progress.update({ bytes: 0, total: shown.bytes });
+    this.progress.update({ bytes: 0, total: summary.sizesKnown ? summary.totalBytes : null });
     showStage(this.view, 'offer');
     action(this.view, 'accept')[0].focus();
     return new Promise((resolve, reject) => {
@@ -156,25 +172,24 @@ export class ReceiveView {
   }
 
   // Runs inside the click: the File System Access pickers need that user activation, so
-  // prepareSaver is called here and now, before any await.
+  // prepareSaver is called here and now, before any await. A text needs no saver.
   accept() {
     if (!this.answer) return;
     const { resolve, reject } = this.answer;
-    let prepared;
-    try {
-      prepared = prepareSaver(this.summary, { preferPicker: true });
-    } catch (error) {
+    if (this.summary.text !== null && this.summary.text !== undefined) {
       this.answer = null;
-      reject(error);
+      showStage(this.view, 'waiting');
+      resolve({ accept: true });
       return;
     }
-    Promise.resolve(prepared).then((saver) => {
+    const prepared = prepareSaver(this.summary, { preferPicker: true, nameplate: this.met?.nameplate ?? '' });
+    prepared.then((saver) => {
       this.answer = null;
       showStage(this.view, 'progress');
       resolve({ accept: true, saver });
     }, (error) => {
-      // Closing the save dialog is not a failure: the offer stays until Accept or Decline.
-      if (error && error.name === 'AbortError') return;
+      // Closing the save dialog is no failure: the offer stays until Accept or Decline.
+      if (/cancelled saving/u.test(oneLine(error))) return;
       this.answer = null;
       reject(error);
     });
@@ -204,13 +219,4 @@ export class ReceiveView {
     if (state === 'done') this.progress.finish(Number(this.summary?.totalBytes ?? 0));
     showStage(this.view, 'outcome');
   }
-}
-
-// The summary's entries in the listing's shape, whatever field names offer.js chose.
-function offerEntries(summary) {
-  return (summary.entries || []).map((entry) => ({
-    path: entry.path,
-    kind: entry.kind === 'dir' || entry.kind === 'directory' || entry.isDirectory ? 'dir' : 'file',
-    size: entry.size ?? null,
-  }));
 }

@@ -6,15 +6,16 @@ import { generateCode, loadWords } from '../lib/codes.js';
 import { sendRendezvous } from '../lib/rendezvous.js';
 import { selectionFrom, selectionFromDrop, sendFiles } from '../lib/sending.js';
 import { action, clearResult, copy, fillList, role, setResult, showStage } from './dom.js';
-import { formatSize, oneLine, plural } from './format.js';
-import { describe, selectionEntries } from './listing.js';
+import { formatSize, oneLine, plural, sentence } from './format.js';
+import { describe } from './listing.js';
 import { ProgressView } from './progress.js';
 
 export class SendView {
   constructor(view, { base }) {
     this.view = view;
     this.base = base;
-    this.selection = [];
+    this.items = [];        // [{path, file}] picked so far ({path} alone: an empty folder)
+    this.selection = null;  // selectionFrom(items): the offer to make, checked
     this.controller = null;
     this.status = role(view, 'status');
     this.result = role(view, 'result');
@@ -25,9 +26,10 @@ export class SendView {
     this.folder = role(view, 'send-folder');
     this.dropzone = role(view, 'dropzone');
 
+    this.pickError = role(view, 'pick-error');
     for (const input of [this.files, this.folder]) {
       input.addEventListener('change', () => {
-        this.add(selectionFrom(input.files));
+        this.add(Array.from(input.files, (file) => ({ path: file.webkitRelativePath || file.name, file })));
         input.value = '';
       });
     }
@@ -64,33 +66,50 @@ export class SendView {
       if (this.busy) return;
       event.preventDefault();
       this.dropzone.classList.remove('over');
+      let dropped;
       try {
-        this.add(await selectionFromDrop(event.dataTransfer));
+        dropped = await selectionFromDrop(event.dataTransfer);
       } catch (error) {
-        this.fail(oneLine(error));
+        this.showPickError(oneLine(error));
+        return;
       }
+      this.add(itemsOf(dropped));
     });
   }
 
   // Picks add up (files, then a folder, then a drop); a name picked again replaces the
-  // earlier one. null clears.
+  // earlier one. null clears. A pick the receiver would refuse (a bad name, a file and a
+  // folder of one name) is left out, with the reason.
   add(picked) {
+    this.showPickError('');
     if (picked === null) {
-      this.selection = [];
-    } else {
-      const byPath = new Map(this.selection.map((item) => [item.path, item]));
+      this.items = [];
+      this.selection = null;
+    } else if (picked.length) {
+      const byPath = new Map(this.items.map((item) => [item.path, item]));
       for (const item of picked) byPath.set(item.path, item);
-      this.selection = [...byPath.values()];
+      const items = [...byPath.values()];
+      try {
+        this.selection = selectionFrom(items);
+        this.items = items;
+      } catch (error) {
+        this.showPickError(oneLine(error));
+      }
     }
     const block = role(this.view, 'selection');
-    block.hidden = this.selection.length === 0;
+    block.hidden = this.items.length === 0;
     if (block.hidden) return;
-    const shown = describe(selectionEntries(this.selection));
+    const shown = describe(this.selection.offer.entries);
     role(this.view, 'selection-summary').textContent = `To send: ${shown.headline}`;
     const names = [...shown.names];
     if (shown.hidden) names.push(shown.hidden);
     fillList(role(this.view, 'selection-names'), names);
     action(this.view, 'send')[0].focus();
+  }
+
+  showPickError(line) {
+    this.pickError.textContent = sentence(line);
+    this.pickError.hidden = !line;
   }
 
   reset() {
@@ -108,35 +127,36 @@ export class SendView {
   focus() {}
 
   async start() {
-    if (this.busy || !this.selection.length) return;
+    if (this.busy || !this.selection) return;
     const controller = new AbortController();
     this.controller = controller;
     const { signal } = controller;
-    const selection = this.selection;
-    const shown = describe(selectionEntries(selection));
+    const { selection } = this;
     clearResult(this.result);
     this.status.textContent = 'Connecting to the relay…';
     showStage(this.view, 'waiting');
     let outcome;
     try {
-      const code = generateCode(await loadWords());
+      const words = await loadWords();
+      const code = generateCode(words);
       const met = await sendRendezvous({
         base: this.base,
         code,
+        words,
         signal,
-        onStatus: (text) => { this.status.textContent = text; },
-        onRegistered: () => this.showCode(code),
+        onStatus: (text, stage) => {
+          // Only once the relay holds our registration is the code worth reading out.
+          if (stage === 'registered' && this.share.hidden) this.showCode(code);
+          this.status.textContent = sentence(text);
+        },
       });
       this.share.hidden = true;  // used up: the code opens no other transfer
       role(this.view, 'send-check').textContent = met.verification;
       role(this.view, 'send-check-row').hidden = false;
-      this.status.textContent = 'Waiting for the receiver to accept…';
       outcome = await sendFiles(met, selection, {
-        signal,
-        onStatus: (text) => { this.status.textContent = text; },
+        onStatus: (text) => { this.status.textContent = sentence(text); },
         onProgress: (progress) => {
           this.progressBlock.hidden = false;
-          this.status.textContent = 'Sending…';
           this.progress.update(progress);
         },
       });
@@ -144,7 +164,7 @@ export class SendView {
       this.fail(signal.aborted ? 'You cancelled.' : oneLine(error));
       return;
     }
-    this.progress.finish(shown.bytes);
+    this.progress.finish(selection.offer.totalBytes);
     this.controller = null;
     setResult(this.result, 'done',
       `The receiver confirmed ${plural(Number(outcome.files), 'file')}, ${formatSize(Number(outcome.bytes))}`);
@@ -179,4 +199,11 @@ export function relayAddress(base) {
   url.search = '';
   url.hash = '';
   return url.href;
+}
+
+// A selection back as the items it was made of, to add more to it.
+function itemsOf(selection) {
+  return selection.offer.entries.map((entry, i) => (entry.kind === 'file'
+    ? { path: entry.path, file: selection.files[i] }
+    : { path: entry.path }));
 }
