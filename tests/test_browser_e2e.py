@@ -428,6 +428,38 @@ def test_the_browser_sends_two_files_to_peer_recv(relay, driver, downloads, peer
     assert (out / "second name.txt").read_bytes() == second.read_bytes()
 
 
+def test_one_browser_sends_to_another(relay, driver, downloads, tmp_path):
+    first, second = tmp_path / "a.bin", tmp_path / "b.txt"
+    first.write_bytes(os.urandom(2 * MiB + 3))
+    second.write_bytes(b"from one tab to another\n")
+    open_page(driver, page(relay, "send"))
+    sending = driver.current_window_handle
+    wait_shown(driver, 'input[type=file][data-role="send-files"]').send_keys(f"{first}\n{second}")
+    wait_shown(driver, '[data-action="send"]').click()
+    code = wait_shown(driver, '[data-role="code"]').text
+
+    driver.switch_to.new_window("tab")
+    try:
+        driver.get(page(relay, f"receive/{code}"))
+        accept = wait_shown(driver, '[data-action="accept"]')
+        received = verification(driver, "receive")
+        accept.click()
+        state, line = outcome(driver, "receive")
+        nameplate = code.split("-")[0]
+        assert (state, line) == ("done", f"Received 2 files, 2.0 MiB, saved as peer-relay-{nameplate}.zip")
+    finally:
+        driver.close()
+        driver.switch_to.window(sending)
+    assert outcome(driver, "send") == ("done", "The receiver confirmed 2 files, 2.0 MiB")
+    # The sender's page showed it while it waited; done, it keeps it in the (hidden) row.
+    assert driver.execute_script(
+        "return document.querySelector('[data-role=\"send-check\"]').textContent") == received
+    with zipfile.ZipFile(downloaded(downloads, f"peer-relay-{nameplate}.zip")) as archive:
+        assert archive.testzip() is None
+        assert {name: archive.read(name) for name in archive.namelist()} == {
+            "a.bin": first.read_bytes(), "b.txt": second.read_bytes()}
+
+
 # -- how it looks --------------------------------------------------------------------------
 
 

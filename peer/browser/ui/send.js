@@ -173,7 +173,11 @@ export class SendView {
 
   showCode(code) {
     role(this.view, 'code').textContent = code;
-    role(this.view, 'command').textContent = `peer recv --relay ${relayAddress(this.base)} ${code}`;
+    // The code in its own box, so a narrow line breaks before it rather than inside it.
+    const whole = document.createElement('span');
+    whole.className = 'whole';
+    whole.textContent = code;
+    role(this.view, 'command').replaceChildren(`peer recv --relay ${relayAddress(this.base)} `, whole);
     const link = new URL(this.base);
     link.hash = `receive/${code}`;
     role(this.view, 'link').textContent = link.href;
