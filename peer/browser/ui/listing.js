@@ -74,22 +74,3 @@ function listLine(prefix, paths) {
   const more = paths.length - MAX_HIDDEN_LISTED;
   return prefix + shown + (more > 0 ? ` and ${more} more` : '');
 }
-
-// The send view's selection ([{path, file}]) as offer entries: the folders its paths
-// imply first, as the offer will list them.
-export function selectionEntries(selection) {
-  const entries = [];
-  const seen = new Set();
-  for (const { path, file } of selection) {
-    const parts = path.split('/');
-    for (let i = 1; i < parts.length; i += 1) {
-      const dir = parts.slice(0, i).join('/');
-      if (!seen.has(dir)) {
-        seen.add(dir);
-        entries.push({ path: dir, kind: 'dir', size: null });
-      }
-    }
-    entries.push({ path, kind: 'file', size: file.size });
-  }
-  return entries;
-}
