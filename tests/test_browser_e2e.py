@@ -89,8 +89,14 @@ def page(relay, fragment: str = "receive") -> str:
 
 def open_page(driver, url: str) -> None:
     # A new document each time: a fragment change alone would keep the last test's state.
+    from selenium.webdriver.support.ui import WebDriverWait
+
     driver.get("about:blank")
     driver.get(url)
+    # The HTML shows before its modules run; act only once the views listen.
+    WebDriverWait(driver, LIMIT, poll_frequency=0.05).until(
+        lambda d: d.execute_script("return document.documentElement.dataset.page") == "ready",
+        "the page's modules never started")
 
 
 # -- peers whose output is read while they run ---------------------------------------------

@@ -109,3 +109,24 @@ def test_a_mistyped_code_is_questioned_exactly_when_peer_recv_questions_it(page)
             assert verdict is None, text
         else:
             assert verdict == {"unknown": list(suspect.unknown), "correction": suspect.correction}, text
+
+
+def test_files_picked_before_the_page_started_are_kept(page):
+    # A slow connection can show the file input before the modules run; a pick made then
+    # fired its change event to nobody. The send view takes such files when it starts.
+    summary = run_js(page, """
+        const { SendView } = await import('./ui/send.js');
+        const view = document.querySelector('[data-view="send"]').cloneNode(true);
+        document.body.append(view);
+        const picked = new DataTransfer();
+        picked.items.add(new File(['twelve bytes'], 'early.txt'));
+        picked.items.add(new File(['x'.repeat(2048)], 'second.bin'));
+        view.querySelector('[data-role="send-files"]').files = picked.files;
+        new SendView(view, { base: new URL('.', location.href).href });
+        const block = view.querySelector('[data-role="selection"]');
+        const result = [block.hidden, view.querySelector('[data-role="selection-summary"]').textContent,
+                        view.querySelector('[data-role="send-files"]').files.length];
+        view.remove();
+        return result;
+    """)
+    assert summary == [False, "To send: 2 files, 2.0 KiB", 0]

@@ -73,6 +73,8 @@ async function main() {
   };
   window.addEventListener('hashchange', route);
   route();
+  // The views now listen: what a person (or a test) does from here on is heard.
+  document.documentElement.dataset.page = 'ready';
 }
 
 main();

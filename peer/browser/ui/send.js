@@ -27,12 +27,11 @@ export class SendView {
     this.dropzone = role(view, 'dropzone');
 
     this.pickError = role(view, 'pick-error');
-    for (const input of [this.files, this.folder]) {
-      input.addEventListener('change', () => {
-        this.add(Array.from(input.files, (file) => ({ path: file.webkitRelativePath || file.name, file })));
-        input.value = '';
-      });
-    }
+    const picked = (input) => {
+      this.add(Array.from(input.files, (file) => ({ path: file.webkitRelativePath || file.name, file })));
+      input.value = '';
+    };
+    for (const input of [this.files, this.folder]) input.addEventListener('change', () => picked(input));
     this.listenForDrops();
     action(view, 'send')[0].addEventListener('click', () => this.start());
     action(view, 'clear')[0].addEventListener('click', () => this.add(null));
@@ -45,6 +44,9 @@ export class SendView {
       copy(role(view, 'link').textContent, event.currentTarget, role(view, 'link'));
     });
     this.reset();
+    // Files picked while the page's modules were still loading fired their change event
+    // before anyone listened: take them now rather than lose them without a word.
+    for (const input of [this.files, this.folder]) if (input.files.length) picked(input);
   }
 
   get busy() {
