@@ -3,7 +3,7 @@
 // serves a whole transfer. Every update is acknowledged with its size: the page keeps a
 // bounded number of bytes in flight, so memory stays flat while this is the slowest stage.
 
-import { blake3 } from './vendor/noble.js';
+import { Blake3 } from './lib/blake3.js';
 
 const open = new Map();
 
@@ -11,11 +11,11 @@ self.onmessage = ({ data }) => {
   const { id, op } = data;
   try {
     if (op === 'update') {
-      if (!open.has(id)) open.set(id, blake3.create());
+      if (!open.has(id)) open.set(id, new Blake3());
       open.get(id).update(data.bytes);
       self.postMessage({ id, op: 'updated', size: data.bytes.length });
     } else if (op === 'digest') {
-      const digest = (open.get(id) ?? blake3.create()).digest();
+      const digest = (open.get(id) ?? new Blake3()).digest();
       open.delete(id);
       self.postMessage({ id, op: 'digest', digest }, [digest.buffer]);
     } else if (op === 'drop') {

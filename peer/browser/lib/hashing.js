@@ -1,5 +1,5 @@
-// BLAKE3 of each file, computed in Workers (hash-worker.js) while the file streams, so
-// that hashing, the slowest stage, overlaps decryption, network and disk on the main thread
+// BLAKE3 of each file, computed in Workers (hash-worker.js, lib/blake3.js) while the file
+// streams, so that hashing overlaps decryption, network and disk on the main thread
 // and never blocks the page. Each byte is hashed once. `update` returns a promise that
 // waits only when too many bytes are in flight: that is the backpressure keeping memory flat.
 
