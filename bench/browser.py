@@ -11,8 +11,8 @@ Files and downloads live on a tmpfs (/dev/shm) when there is one, so the disk is
 measured. Both times run from starting the sender to the end (``peer recv`` exited; the page
 shows done and the download has its final name), and the received bytes are checked.
 It prints MiB/s for each, the browser's as a share of Python's, and the peak resident memory
-(VmHWM, polled) of Chromium's renderer processes (``--type=renderer``: the page, its hashing
-worker and its service worker) and of the other Chromium processes. Aims (issue 14):
+(VmHWM, polled) of Chromium's renderer processes (``--type=renderer``: the page and its
+service worker) and of the other Chromium processes. Aims (issue 14):
 at least 100 MiB/s, and a renderer under 300 MiB for 1 GiB.
 """
 

@@ -569,35 +569,6 @@ def test_crc32_matches_zlib(page):
     assert got == [[zlib.crc32(s), zlib.crc32(s)] for s in samples]
 
 
-# --- hashing -------------------------------------------------------------------------------
-
-def test_the_hashing_workers_agree_with_python_blake3(page):
-    import random
-    rng = random.Random(11)
-    sizes = [0, 1, 1024, 1025, 65_536, 3 * 1024 * 1024 + 17]
-    samples = [rng.randbytes(size) for size in sizes]
-    got = js(page, """
-        const {Hasher} = await import('./lib/hashing.js');
-        // All at once, fed in uneven pieces, so that several hashes share the workers.
-        const hashers = args[0].map(() => new Hasher());
-        const data = args[0].map(fromHex);
-        for (let at = 0; at < 4 * 1048576; at += 100003) {
-          for (let i = 0; i < data.length; i++) {
-            const piece = data[i].subarray(at, at + 100003);
-            if (piece.length) await hashers[i].update(piece);
-          }
-        }
-        const transferred = new Hasher();
-        const owned = data[5].slice();
-        await transferred.update(owned, {transfer: true});
-        return {digests: (await Promise.all(hashers.map(h => h.digest()))).map(toHex),
-                transferred: toHex(await transferred.digest()), detached: owned.length};
-    """, [s.hex() for s in samples])
-    assert got["digests"] == [blake3.blake3(s).hexdigest() for s in samples]
-    assert got["transferred"] == blake3.blake3(samples[5]).hexdigest()
-    assert got["detached"] == 0  # handed over, not copied
-
-
 # --- the sessions, message by message against Python's ------------------------------------
 
 def test_a_javascript_sender_session_talks_to_a_python_receiver_session(page):

@@ -5,7 +5,7 @@
 //
 // Two implementations behind one API. Where the browser has `WebSocketStream` (Chromium),
 // we stop reading from it once READ_AHEAD bytes wait untaken, so a page that consumes
-// slowly (hashing at ~19 MiB/s) leaves the bytes in the network: TCP flow control then
+// slowly (a busy main thread, a slow disk) leaves the bytes in the network: TCP flow control then
 // holds back the relay, and the relay's bounded pipe holds back the sender. The classic
 // `WebSocket` (Firefox, Safari) cannot stop reading: everything the relay sends piles up
 // in the page until it is taken.

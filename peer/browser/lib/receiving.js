@@ -1,5 +1,5 @@
 // The receiver's data phase on an open channel (after peer/receiving.py): greet, show the
-// offer, stream each file into the saver while a worker hashes it, check every digest
+// offer, stream each file into the saver while hashing it, check every digest
 // before moving on, and acknowledge only once the saver has everything. Any failure aborts
 // the saver (nothing unverified keeps a final name), tells the sender why where it can
 // still listen, closes the channel, and throws one line for the user.
@@ -8,7 +8,7 @@ import { ChannelError } from './channel.js';
 import { ProtocolError, isPack } from './messages.js';
 import { summarize } from './offer.js';
 import { Progress, ReceiverSession } from './transfer.js';
-import { Hasher } from './hashing.js';
+import { Blake3 } from './blake3.js';
 import { prepareSaver } from './saving.js';
 
 /** A failure for the user; `tell` says whether the sender should get it as an ERROR. */
@@ -83,16 +83,16 @@ export async function receiveFiles(rendezvous, { decide, onProgress = () => {}, 
     for (;;) {
       event = session.receive(await next());
       if (event.type === 'file-data') {
+        hasher.update(event.data);
         await saver.write(event.data);
-        await hasher.update(event.data);
         progress.advance(event.data.length);
       } else if (event.type === 'file-started') {
         current = event.entry;
         progress.file = current.path;
         await saver.openFile(current);
-        hasher = new Hasher();
+        hasher = new Blake3();
       } else if (event.type === 'file-finished') {
-        const digest = await hasher.digest();
+        const digest = hasher.digest();
         hasher = null;
         if (!equalBytes(digest, event.digest)) {
           const what = saver.keepsCommitted ? 'it was not saved' : 'nothing was saved';
@@ -115,7 +115,6 @@ export async function receiveFiles(rendezvous, { decide, onProgress = () => {}, 
     }
   } catch (error) {
     const failure = asFailure(error, current);
-    hasher?.abort();
     if (saver) await saver.abort(failure.message).catch(() => {});
     if (failure.tell) await channel.send(session.error(failure.reason ?? failure.message)).catch(() => {});
     await channel.close().catch(() => {});

@@ -7,7 +7,7 @@ import { ChannelError } from './channel.js';
 import { ProtocolError } from './messages.js';
 import { buildOffer, summarize } from './offer.js';
 import { HandshakeAltered, Progress, SenderSession } from './transfer.js';
-import { Hasher } from './hashing.js';
+import { Blake3 } from './blake3.js';
 import { TransferFailed } from './receiving.js';
 
 const HELLO_WAIT = 5000;  // bob's receiver says nothing at all; ours greets at once
@@ -118,9 +118,9 @@ export async function sendFiles(rendezvous, selection, { onProgress = () => {}, 
       progress.file = current.path;
       const file = files[item.index];
       await channel.send(session.beginFile());
-      hasher = new Hasher();
+      hasher = new Blake3();
       await sendFile(channel, session, file, current, hasher, progress, check);
-      await channel.send(session.endFile(await hasher.digest()));
+      await channel.send(session.endFile(hasher.digest()));
       hasher = null;
       sent += 1;
       current = null;
@@ -135,7 +135,6 @@ export async function sendFiles(rendezvous, selection, { onProgress = () => {}, 
     return { files: sent, bytes: completed.totalBytes };
   } catch (error) {
     const failure = asFailure(error);
-    hasher?.abort();
     if (failure.tell) await channel.send(session.error(failure.reason ?? failure.message)).catch(() => {});
     await channel.close().catch(() => {});
     throw failure;
@@ -167,7 +166,7 @@ async function sendFile(channel, session, file, entry, hasher, progress, check) 
       i += count;
       progress.advance(count);
     }
-    await hasher.update(slice, { transfer: true });
+    hasher.update(slice);
   }
 }
 
