@@ -142,7 +142,10 @@ export class Opener {
       out = first.subarray(this._offset, this._offset + count); // no copy in the usual case
       this._offset += count;
     } else {
-      out = new Uint8Array(count);
+      // A record cut across pieces is gathered in one reused buffer: it only has to live
+      // until `open`, whose decrypt copies its input at once.
+      if (!this._scratch || this._scratch.length < count) this._scratch = new Uint8Array(Math.max(count, MAX_BIG_RECORD_SIZE + TAG_SIZE));
+      out = this._scratch.subarray(0, count);
       let at = 0;
       while (at < count) {
         const chunk = this._chunks[0];
@@ -170,8 +173,9 @@ export class Opener {
   }
 
   /**
-   * The next sealed record as { sequence, header, sealed } (open it with `open`), CLOSED
-   * after the close marker, or null until more bytes come. A bad length throws, for good.
+   * The next sealed record as { sequence, header, sealed } (open it with `open` before the
+   * next call: `sealed` may be a view of a buffer that call reuses), CLOSED after the close
+   * marker, or null until more bytes come. A bad length throws, for good.
    */
   next() {
     if (this._failure) throw this._failure;
