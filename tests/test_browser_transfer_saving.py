@@ -1,7 +1,9 @@
-"""Saving received bytes in headless Chromium (peer/browser/lib/saving.js and sw.js): a
-stream handed to the service worker arrives as a regular download, whole, without a
-partial file left; an aborted one leaves nothing under its name; several entries arrive as
-one ZIP that Python reads. One Chromium for the file, downloading into a temporary folder."""
+"""Saving received bytes in headless Chromium (peer/browser/lib/saving.js and sw.js): bytes
+handed to the service worker arrive as a regular download, whole, without a partial file
+left; an aborted one, or one whose page closed, leaves nothing under its name; several
+entries arrive as one ZIP that Python reads; the worker's port protocol hands buffers over
+without copies, holds bytes back while the browser does not read, and reports a cancelled
+read. One Chromium for the file, downloading into a temporary folder."""
 
 from __future__ import annotations
 
@@ -140,3 +142,97 @@ def test_download_names(page):
                 s.pickerAvailable()];
     """)
     assert names == ["a.txt", "x.zip", "peer-relay-42.zip", "peer-relay-42.zip", False]
+
+
+# --- the service worker's port protocol (sw.js) ---------------------------------------------
+
+# Registers a download with the service worker by hand and reads it with fetch, so the test
+# decides when the "browser" reads.
+BY_HAND_JS = """
+await import('./lib/saving.js').then(s => s.startDownload('warm-up.bin', 0)).then(d => d.close());
+const worker = (await navigator.serviceWorker.ready).active;
+const register = async (id, size) => {
+  const channel = new MessageChannel();
+  const said = [];
+  channel.port1.onmessage = ({data}) => said.push(data);
+  worker.postMessage({type: 'download', id, name: id, size}, [channel.port2]);
+  for (let i = 0; i < 100 && !said.length; i++) await new Promise(r => setTimeout(r, 20));
+  return {port: channel.port1, said};
+};
+const settle = () => new Promise(r => setTimeout(r, 200));
+"""
+
+
+def test_taken_means_read_by_the_browser_and_chunks_are_handed_over(page):
+    got = run_js(page, PATTERN_JS + BY_HAND_JS + """
+        const {port, said} = await register('by-hand-1', 40 * 262144);
+        const taken = () => said.filter(m => m.type === 'taken').reduce((sum, m) => sum + m.size, 0);
+        const chunks = [];
+        for (let k = 0; k < 40; k++) {
+          const bytes = chunkOf(k, 262144);
+          chunks.push(bytes);
+          port.postMessage({type: 'chunk', bytes}, [bytes.buffer]);
+        }
+        const detached = chunks.filter(c => c.length).length;
+        await settle();
+        const beforeRequest = taken();
+        const response = await fetch(`./download/by-hand-1`);
+        await settle();
+        const whileUnread = taken();
+        port.postMessage({type: 'close'});
+        const reader = response.body.getReader();
+        let total = 0;
+        for (;;) { const {value, done} = await reader.read(); if (done) break; total += value.length; }
+        await settle();
+        const again = await fetch(`./download/by-hand-1`);
+        return {detached, beforeRequest, whileUnread, total, taken: taken(), said: said.map(m => m.type),
+                length: response.headers.get('content-length'), again: again.status};
+    """)
+    assert got["detached"] == 0  # every buffer transferred, none copied
+    assert got["beforeRequest"] == 0  # nothing counts as taken until the browser reads
+    assert got["whileUnread"] <= 2 * MiB  # an idle reader holds the rest back in the worker
+    assert got["total"] == got["taken"] == 40 * 262144 and got["length"] == str(40 * 262144)
+    assert got["said"][0] == "registered" and "started" in got["said"] and got["said"][-1] == "consumed"
+    assert got["again"] == 404  # one request per download
+
+
+def test_a_download_the_browser_stops_reading_tells_the_page(page):
+    # What Chromium does when a person cancels the download in its UI: it cancels its read
+    # of the body. The worker must say so, or the page would wait for reads forever.
+    said = run_js(page, PATTERN_JS + BY_HAND_JS + """
+        const {port, said} = await register('by-hand-2', null);
+        for (let k = 0; k < 8; k++) { const bytes = chunkOf(k, 262144); port.postMessage({type: 'chunk', bytes}, [bytes.buffer]); }
+        const response = await fetch(`./download/by-hand-2`);
+        const reader = response.body.getReader();
+        await reader.read();
+        await reader.cancel();
+        for (let i = 0; i < 100 && !said.some(m => m.type === 'cancelled'); i++) await settle();
+        const bytes = chunkOf(9, 10);
+        port.postMessage({type: 'chunk', bytes}, [bytes.buffer]);  // ignored from now on
+        await settle();
+        return said.map(m => m.type);
+    """)
+    assert said[-1] == "cancelled" and said.count("cancelled") == 1
+    assert "consumed" not in said
+
+
+def test_a_page_that_goes_away_fails_its_download(page, downloads):
+    # A tab of its own, closed mid-download: the worker no longer finds it among its clients
+    # and errors the stream (a page that merely goes quiet is given up after QUIET_LIMIT).
+    first = page.current_window_handle
+    origin = page.current_url
+    page.switch_to.new_window("tab")
+    try:
+        page.get(origin)
+        run_js(page, PATTERN_JS + """
+            const s = await import('./lib/saving.js');
+            window.orphan = await s.startDownload('orphan.bin', 10 * 1048576);
+            for (let k = 0; k < 12; k++) await window.orphan.write(chunkOf(k, 262144));
+        """)
+        wait_for(lambda: list(downloads.glob("*.crdownload")), "the partial download")
+        page.close()
+    finally:
+        page.switch_to.window(first)
+    wait_for(lambda: not list(downloads.glob("*.crdownload")), "the partial download to go", seconds=30)
+    time.sleep(1)
+    assert not (downloads / "orphan.bin").exists()

@@ -1,10 +1,99 @@
-// The service worker that turns a stream of received bytes into a regular download, so a
-// file of any size goes to disk without ever sitting whole in the page's memory. The page
-// hands over a ReadableStream with a name and a size, then navigates a hidden frame to
-// ./download/<id>; this answers that one request with the stream as an attachment. The
-// page errors the stream on failure, so the browser fails the download and keeps nothing.
+// The service worker that turns received bytes into a regular download, so a file of any
+// size goes to disk without ever sitting whole in the page's memory. The page registers a
+// download (a name, a size, a MessagePort), then navigates a hidden frame to
+// ./download/<id>; this answers that one request with a stream fed through the port.
+//
+// The port protocol, page → here: {type: 'chunk', bytes} (the buffer transferred, not
+// copied: the page no longer uses it), {type: 'close'}, {type: 'abort', reason}.
+// Here → page: 'registered', 'started', {type: 'taken', size} as the browser reads each
+// chunk (the page keeps a bounded number of bytes untaken: backpressure down to the disk),
+// 'consumed' once it has read everything, 'cancelled' if the browser stops reading.
+// An aborted download is errored, so the browser fails it and keeps nothing; so is one whose
+// page is gone (closed, crashed: no longer among our clients) or went quiet (frozen, or in
+// the back-forward cache: no chunk and no keep-alive for QUIET_LIMIT).
 
-const waiting = new Map();
+const QUIET_LIMIT = 60_000;
+const CHECK_EVERY = 2_000;
+const END = Symbol('end');
+
+const downloads = new Map();  // id → Download, from registration until it ends
+
+class Download {
+  constructor(id, name, size, port, client) {
+    this.id = id;
+    this.client = client;   // the page's id among our clients
+    this.name = name;
+    this.size = size;
+    this.port = port;
+    this.requested = false;
+    this.queue = [];
+    this.waiting = null;    // resolves a pull that found the queue empty
+    this.ended = false;
+    this.heard = Date.now();
+    this.stream = new ReadableStream({
+      start: (controller) => { this.controller = controller; },
+      pull: () => this.pull(),
+      cancel: () => this.end({ type: 'cancelled' }),
+    }, { highWaterMark: 0 });  // the browser's reads pull chunks one by one: `taken` means read
+    port.onmessage = ({ data }) => this.onMessage(data);
+  }
+
+  onMessage(data) {
+    this.heard = Date.now();
+    if (this.ended) return;
+    if (data?.type === 'chunk' && data.bytes instanceof Uint8Array) this.push(data.bytes);
+    else if (data?.type === 'close') this.push(END);
+    else if (data?.type === 'abort') this.fail(String(data.reason || 'the transfer failed'));
+  }
+
+  push(item) {
+    this.queue.push(item);
+    if (this.waiting) {
+      const resolve = this.waiting;
+      this.waiting = null;
+      this.deliver();
+      resolve();
+    }
+  }
+
+  pull() {
+    if (this.queue.length) {
+      this.deliver();
+      return undefined;
+    }
+    return new Promise((resolve) => { this.waiting = resolve; });
+  }
+
+  deliver() {
+    const item = this.queue.shift();
+    if (item === END) {
+      this.controller.close();
+      this.end({ type: 'consumed' });
+      return;
+    }
+    const size = item.length;
+    this.controller.enqueue(item);
+    this.port.postMessage({ type: 'taken', size });
+  }
+
+  fail(reason) {
+    if (this.ended) return;
+    this.controller.error(new Error(reason));
+    this.end({ type: 'cancelled' });
+  }
+
+  end(message) {
+    if (this.ended) return;
+    this.ended = true;
+    this.queue = [];
+    downloads.delete(this.id);
+    try {
+      this.port.postMessage(message);
+    } catch {
+      // the page is gone
+    }
+  }
+}
 
 self.addEventListener('install', (event) => { event.waitUntil(self.skipWaiting()); });
 self.addEventListener('activate', (event) => { event.waitUntil(self.clients.claim()); });
@@ -12,12 +101,24 @@ self.addEventListener('activate', (event) => { event.waitUntil(self.clients.clai
 self.addEventListener('message', (event) => {
   const { data } = event;
   const port = event.ports[0];
-  if (data?.type === 'download' && port && data.stream instanceof ReadableStream && typeof data.id === 'string') {
-    waiting.set(data.id, { stream: data.stream, name: String(data.name), size: data.size, port });
+  if (data?.type === 'download' && port && typeof data.id === 'string' && !downloads.has(data.id)) {
+    const size = Number.isSafeInteger(data.size) && data.size >= 0 ? data.size : null;
+    downloads.set(data.id, new Download(data.id, String(data.name), size, port, event.source?.id ?? null));
     port.postMessage({ type: 'registered' });
+  } else if (data?.type === 'keep-alive') {
+    // It keeps us running (a message event extends our life) and says the page is there.
+    const download = downloads.get(data.id);
+    if (download) download.heard = Date.now();
   }
-  // Any other message (the page's keep-alive during a long download) just keeps us running.
 });
+
+setInterval(async () => {
+  const now = Date.now();
+  for (const download of [...downloads.values()]) {
+    const gone = download.client !== null && !(await self.clients.get(download.client));
+    if (gone || now - download.heard > QUIET_LIMIT) download.fail('the page went away');
+  }
+}, CHECK_EVERY);
 
 // RFC 6266 / 8187: the UTF-8 name for browsers, a plain ASCII one for anything older.
 function disposition(name) {
@@ -30,24 +131,19 @@ self.addEventListener('fetch', (event) => {
   const url = new URL(event.request.url);
   const prefix = `${new URL(self.registration.scope).pathname}download/`;
   if (url.origin !== self.location.origin || !url.pathname.startsWith(prefix)) return;
-  const id = decodeURIComponent(url.pathname.slice(prefix.length));
-  const item = waiting.get(id);
-  waiting.delete(id);  // one request per download: a reload gets nothing
-  if (!item) {
+  const download = downloads.get(decodeURIComponent(url.pathname.slice(prefix.length)));
+  if (!download || download.requested) {  // one request per download: a reload gets nothing
     event.respondWith(new Response('This download is over.', { status: 404, headers: { 'Content-Type': 'text/plain' } }));
     return;
   }
-  // Tells the page once the browser has taken the last bytes.
-  const body = item.stream.pipeThrough(new TransformStream({
-    flush() { item.port.postMessage({ type: 'consumed' }); },
-  }));
+  download.requested = true;
   const headers = {
     'Content-Type': 'application/octet-stream',
-    'Content-Disposition': disposition(item.name),
+    'Content-Disposition': disposition(download.name),
     'X-Content-Type-Options': 'nosniff',
     'Cache-Control': 'no-store',
   };
-  if (Number.isSafeInteger(item.size)) headers['Content-Length'] = String(item.size);
-  item.port.postMessage({ type: 'started' });
-  event.respondWith(new Response(body, { headers }));
+  if (download.size !== null) headers['Content-Length'] = String(download.size);
+  download.port.postMessage({ type: 'started' });
+  event.respondWith(new Response(download.stream, { headers }));
 });

@@ -83,9 +83,10 @@ export async function receiveFiles(rendezvous, { decide, onProgress = () => {}, 
     for (;;) {
       event = session.receive(await next());
       if (event.type === 'file-data') {
+        const size = event.data.length;
         hasher.update(event.data);
-        await saver.write(event.data);
-        progress.advance(event.data.length);
+        await saver.write(event.data);  // it may take the bytes
+        progress.advance(size);
       } else if (event.type === 'file-started') {
         current = event.entry;
         progress.file = current.path;

@@ -7,12 +7,13 @@
 //   dialog, several into a chosen folder as the real tree. createWritable() writes to a
 //   swap file that takes the name only on close(), which we call once the file is verified.
 //
-// A saver: openFile(entry), write(bytes), commitFile(entry) once verified, finish() after
+// A saver: openFile(entry), write(bytes) (which may take the bytes' buffer: the caller must
+// not use it again), commitFile(entry) once verified, finish() after
 // the last, abort(reason) on any failure; `savedAs` says where things went.
 
 import { ZipWriter } from './zip.js';
 
-const HIGH_WATER = 8 * 1024 * 1024;  // bytes queued toward the download before we wait
+const HIGH_WATER = 8 * 1024 * 1024;  // bytes sent toward the download, unread, before we wait
 const START_TIMEOUT = 15_000;
 const KEEP_ALIVE = 10_000;
 
@@ -87,9 +88,10 @@ async function activeWorker() {
 }
 
 /**
- * A download of `name` (`size` bytes, or null when unknown) fed by write(bytes); close()
- * completes it once the browser has taken every byte, abort(reason) fails it. Falls back to
- * a Blob in memory where no service worker can run (a private window in some browsers).
+ * A download of `name` (`size` bytes, or null when unknown) fed by write(bytes), which takes
+ * the bytes' buffer; close() completes it once the browser has read every byte,
+ * abort(reason) fails it. Falls back to a Blob in memory where no service worker can run (a
+ * private window in some browsers).
  */
 export async function startDownload(name, size = null) {
   let worker = null;
@@ -99,11 +101,10 @@ export async function startDownload(name, size = null) {
     worker = null;
   }
   if (!worker) return new MemoryDownload(name);
-  const stream = new TransformStream({}, new ByteLengthQueuingStrategy({ highWaterMark: HIGH_WATER }));
   const id = crypto.randomUUID();
   const channel = new MessageChannel();
-  const download = new StreamDownload(name, stream.writable.getWriter(), channel.port1, worker);
-  worker.postMessage({ type: 'download', id, name, size, stream: stream.readable }, [stream.readable, channel.port2]);
+  const download = new StreamDownload(id, name, channel.port1, worker);
+  worker.postMessage({ type: 'download', id, name, size }, [channel.port2]);
   await download.until('registered', 'the download helper did not answer');
   download.frame = document.createElement('iframe');
   download.frame.hidden = true;
@@ -113,22 +114,28 @@ export async function startDownload(name, size = null) {
   return download;
 }
 
+/** Bytes to the service worker's download through a port (sw.js says how). */
 class StreamDownload {
-  constructor(name, writer, port, worker) {
+  constructor(id, name, port, worker) {
     this.name = name;
-    this.writer = writer;
     this.port = port;
     this.seen = new Set();
     this.listeners = [];
     this.frame = null;
+    this.untaken = 0;  // bytes posted that the browser has not read yet
+    this.failure = null;
     port.onmessage = ({ data }) => {
-      this.seen.add(data?.type);
+      if (data?.type === 'taken') this.untaken -= data.size;
+      else this.seen.add(data?.type);
+      if (data?.type === 'cancelled') this.failure ??= new Error('the download was cancelled');
       for (const listener of this.listeners.splice(0)) listener();
     };
-    // A service worker idle for a while may be stopped; messages keep it running.
-    this.keepAlive = setInterval(() => worker.postMessage({ type: 'keep-alive' }), KEEP_ALIVE);
+    // A service worker idle for a while may be stopped; messages keep it running, and tell
+    // it that this page is still there.
+    this.keepAlive = setInterval(() => worker.postMessage({ type: 'keep-alive', id }), KEEP_ALIVE);
   }
 
+  /** Waits until the worker said `type` (or until `failure` after `timeout` ms, 0: never). */
   until(type, failure, timeout = START_TIMEOUT) {
     return new Promise((resolve, reject) => {
       const timer = timeout ? setTimeout(() => reject(new Error(failure)), timeout) : null;
@@ -136,6 +143,9 @@ class StreamDownload {
         if (this.seen.has(type)) {
           clearTimeout(timer);
           resolve();
+        } else if (this.failure) {
+          clearTimeout(timer);
+          reject(this.failure);
         } else {
           this.listeners.push(check);
         }
@@ -144,19 +154,32 @@ class StreamDownload {
     });
   }
 
+  /** Takes `bytes`: their buffer is handed to the worker, not copied, so the caller must not
+   * use it again. Waits while HIGH_WATER bytes are not yet read by the browser. */
   async write(bytes) {
-    await this.writer.ready;  // the backpressure of the whole path down to the disk
-    this.writer.write(bytes).catch(() => {});  // a failure surfaces through ready or close
+    if (this.failure) throw this.failure;
+    if (!bytes.length) return;
+    this.untaken += bytes.length;
+    this.port.postMessage({ type: 'chunk', bytes }, [bytes.buffer]);
+    while (this.untaken >= HIGH_WATER) {
+      await new Promise((resolve) => this.listeners.push(resolve));
+      if (this.failure) throw this.failure;
+    }
   }
 
   async close() {
-    await this.writer.close();
-    await this.until('consumed', '', 0);
-    this.done();
+    if (this.failure) throw this.failure;
+    this.port.postMessage({ type: 'close' });
+    try {
+      await this.until('consumed', '', 0);
+    } finally {
+      this.done();
+    }
   }
 
   async abort(reason) {
-    await this.writer.abort(new Error(reason || 'the transfer failed')).catch(() => {});
+    if (!this.failure) this.port.postMessage({ type: 'abort', reason: reason || 'the transfer failed' });
+    this.failure ??= new Error('the download was aborted');
     this.done();
   }
 
