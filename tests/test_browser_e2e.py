@@ -434,6 +434,27 @@ def test_the_browser_sends_two_files_to_peer_recv(relay, driver, downloads, peer
     assert (out / "second name.txt").read_bytes() == second.read_bytes()
 
 
+def test_the_browser_sends_a_picked_folder_to_peer_recv(relay, driver, downloads, peers, tmp_path):
+    # The folder picker (<input webkitdirectory>): the browser gives each file its path
+    # under the picked folder, and peer recv rebuilds the tree. Browsers leave empty
+    # folders out of a picked folder, so only the files travel.
+    from selenium.webdriver.common.by import By
+
+    files = make_tree(tmp_path / "album")
+    open_page(driver, page(relay, "send"))
+    folder_input = driver.find_element(By.CSS_SELECTOR, 'input[type=file][data-role="send-folder"]')
+    folder_input.send_keys(str(tmp_path / "album"))
+    wait_shown(driver, '[data-action="send"]').click()
+    code = wait_shown(driver, '[data-role="code"]').text
+    out = tmp_path / "out"
+    receiver = peers("recv", *relay.ws_args(), "-y", "-o", f"{out}/", code, cwd=tmp_path)
+    state, line = outcome(driver, "send")
+    assert state == "done", line
+    assert receiver.finish() == 0, receiver.stderr
+    got = {str(p.relative_to(out / "album")): p.read_bytes() for p in (out / "album").rglob("*") if p.is_file()}
+    assert got == files
+
+
 def test_one_browser_sends_to_another(relay, driver, downloads, tmp_path):
     first, second = tmp_path / "a.bin", tmp_path / "b.txt"
     first.write_bytes(os.urandom(2 * MiB + 3))

@@ -100,6 +100,27 @@ def test_an_aborted_download_leaves_nothing_under_its_name(page, downloads):
     assert not [p for p in downloads.iterdir() if "aborted" in p.name]
 
 
+def test_without_a_service_worker_the_download_is_built_in_memory(page, downloads):
+    # Where no service worker can run (some private windows), the bytes are kept as a Blob
+    # and saved at the end: small transfers still work, just not in constant memory.
+    origin = page.current_url
+    page.get(origin)  # a fresh module graph: saving.js has not met the worker yet
+    try:
+        kind = run_js(page, PATTERN_JS + """
+            delete Navigator.prototype.serviceWorker;
+            const s = await import('./lib/saving.js');
+            const download = await s.startDownload('in memory.bin', 3 * 262144 + 5);
+            for (let k = 0; k < 4; k++) await download.write(chunkOf(k, k < 3 ? 262144 : 5));
+            await download.close();
+            return download.constructor.name;
+        """)
+    finally:
+        page.get(origin)
+    assert kind == "MemoryDownload"
+    wait_for(lambda: settled(downloads, "in memory.bin", 3 * 262144 + 5), "the download")
+    assert (downloads / "in memory.bin").read_bytes() == pattern(3 * 262144 + 5)
+
+
 def test_several_entries_arrive_as_one_zip(page, downloads):
     entries = [
         {"kind": "dir", "path": "album"},
