@@ -121,6 +121,32 @@ def test_without_a_service_worker_the_download_is_built_in_memory(page, download
     assert (downloads / "in memory.bin").read_bytes() == pattern(3 * 262144 + 5)
 
 
+def test_a_worker_left_from_an_earlier_version_is_replaced_before_use(page, downloads):
+    # A visitor of an earlier release still has that release's worker registered; the page
+    # registers its own under a URL naming the protocol, which installs it, and uses it.
+    origin = page.current_url
+    page.get(origin)
+    try:
+        got = run_js(page, PATTERN_JS + """
+            const old = await navigator.serviceWorker.register('./sw.js?protocol=0', {scope: './'});
+            const installing = old.installing || old.waiting;
+            if (installing) await new Promise(resolve => installing.addEventListener('statechange', () => { if (installing.state === 'activated') resolve(); }));
+            const before = (await navigator.serviceWorker.getRegistration('./')).active.scriptURL;
+            const s = await import('./lib/saving.js');
+            const download = await s.startDownload('after upgrade.bin', 1000);
+            await download.write(chunkOf(0, 1000));
+            await download.close();
+            const after = (await navigator.serviceWorker.getRegistration('./')).active.scriptURL;
+            return {before, after, protocol: s.WORKER_PROTOCOL};
+        """)
+    finally:
+        page.get(origin)
+    assert got["before"].endswith("/sw.js?protocol=0")
+    assert got["after"].endswith(f"/sw.js?protocol={got['protocol']}")
+    wait_for(lambda: settled(downloads, "after upgrade.bin", 1000), "the download")
+    assert (downloads / "after upgrade.bin").read_bytes() == pattern(1000)
+
+
 def test_several_entries_arrive_as_one_zip(page, downloads):
     entries = [
         {"kind": "dir", "path": "album"},

@@ -5,13 +5,14 @@
 //
 // The port protocol, page → here: {type: 'chunk', bytes} (the buffer transferred, not
 // copied: the page no longer uses it), {type: 'close'}, {type: 'abort', reason}.
-// Here → page: 'registered', 'started', {type: 'taken', size} as the browser reads each
+// Here → page: {type: 'registered', protocol}, 'started', {type: 'taken', size} as the browser reads each
 // chunk (the page keeps a bounded number of bytes untaken: backpressure down to the disk),
 // 'consumed' once it has read everything, 'cancelled' if the browser stops reading.
 // An aborted download is errored, so the browser fails it and keeps nothing; so is one whose
 // page is gone (closed, crashed: no longer among our clients) or went quiet (frozen, or in
 // the back-forward cache: no chunk and no keep-alive for QUIET_LIMIT).
 
+const PROTOCOL = 2;  // saving.js's WORKER_PROTOCOL: the page registers us as sw.js?protocol=2
 const QUIET_LIMIT = 60_000;
 const CHECK_EVERY = 2_000;
 const END = Symbol('end');
@@ -104,7 +105,7 @@ self.addEventListener('message', (event) => {
   if (data?.type === 'download' && port && typeof data.id === 'string' && !downloads.has(data.id)) {
     const size = Number.isSafeInteger(data.size) && data.size >= 0 ? data.size : null;
     downloads.set(data.id, new Download(data.id, String(data.name), size, port, event.source?.id ?? null));
-    port.postMessage({ type: 'registered' });
+    port.postMessage({ type: 'registered', protocol: PROTOCOL });
   } else if (data?.type === 'keep-alive') {
     // It keeps us running (a message event extends our life) and says the page is there.
     const download = downloads.get(data.id);

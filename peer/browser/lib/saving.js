@@ -62,12 +62,18 @@ export async function prepareSaver(summary, { preferPicker = true, nameplate = '
 
 // --- the streamed download ------------------------------------------------------------------
 
+// The port protocol spoken with sw.js. A browser keeps the worker of an earlier visit
+// registered, and does not replace it before this page needs it, so the script's URL
+// carries the version: a new URL makes register() install the new worker, which we wait
+// for; and the worker says its version, so a mismatch fails at once with a reason.
+export const WORKER_PROTOCOL = 2;
+
 let registration = null;
 
 async function activeWorker() {
   if (!('serviceWorker' in navigator)) return null;
   if (!registration) {
-    const script = new URL('../sw.js', import.meta.url);
+    const script = new URL(`../sw.js?protocol=${WORKER_PROTOCOL}`, import.meta.url);
     registration = navigator.serviceWorker.register(script, { scope: new URL('./', script).href, type: 'classic' })
       .then(async (reg) => {
         const worker = reg.installing || reg.waiting || reg.active;
@@ -106,6 +112,10 @@ export async function startDownload(name, size = null) {
   const download = new StreamDownload(id, name, channel.port1, worker);
   worker.postMessage({ type: 'download', id, name, size }, [channel.port2]);
   await download.until('registered', 'the download helper did not answer');
+  if (download.protocol !== WORKER_PROTOCOL) {
+    download.done();
+    throw new Error('the download helper is out of date: reload the page');
+  }
   download.frame = document.createElement('iframe');
   download.frame.hidden = true;
   download.frame.src = new URL(`../download/${id}`, import.meta.url).href;
@@ -123,10 +133,12 @@ class StreamDownload {
     this.listeners = [];
     this.frame = null;
     this.untaken = 0;  // bytes posted that the browser has not read yet
+    this.protocol = null;  // the worker's, from its 'registered'
     this.failure = null;
     port.onmessage = ({ data }) => {
       if (data?.type === 'taken') this.untaken -= data.size;
       else this.seen.add(data?.type);
+      if (data?.type === 'registered') this.protocol = data.protocol;
       if (data?.type === 'cancelled') this.failure ??= new Error('the download was cancelled');
       for (const listener of this.listeners.splice(0)) listener();
     };
