@@ -1,15 +1,19 @@
 #!/usr/bin/env python3
-"""The browser peer receiving from ``peer send``, side by side with ``peer recv``.
+"""The browser peer receiving from ``peer send`` and sending to ``peer recv``, side by side
+with ``peer send`` → ``peer recv``.
 
     python bench/browser.py [--size MiB] [--runs N]
 
 Each run, in one go on this machine (loopback, one relay with ``--ws-port 0``):
   python   peer send FILE (TCP) → peer-relay → peer recv -o DIR;
   browser  peer send FILE (TCP) → peer-relay → headless Chromium on the relay's own page
-           (``/#receive/CODE``, Accept clicked at once), the file arriving as a download.
+           (``/#receive/CODE``, Accept clicked at once), the file arriving as a download;
+  sending  headless Chromium on ``/#send`` (the file picked, Send clicked) → peer-relay →
+           peer recv -y -o DIR (TCP), started with the code the page shows.
 Files and downloads live on a tmpfs (/dev/shm) when there is one, so the disk is not what is
-measured. Both times run from starting the sender to the end (``peer recv`` exited; the page
-shows done and the download has its final name), and the received bytes are checked.
+measured. Times run from starting the sender (clicking Send, for the page) to the end
+(``peer recv`` exited; the page shows done and, receiving, the download has its final
+name), and the received bytes are checked. The aims are the receiving page's.
 It prints MiB/s for each, the browser's as a share of Python's, and the peak resident memory
 (VmHWM, polled) of Chromium's renderer processes (``--type=renderer``: the page and its
 service worker) and of the other Chromium processes, and the renderer's own anonymous
@@ -49,8 +53,9 @@ def main() -> None:
     size = args.size * 1024 * 1024
     base = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
     work = Path(tempfile.mkdtemp(prefix="peer-bench-browser-", dir=base))
-    rows: dict[str, list[float]] = {"python": [], "browser": []}
+    rows: dict[str, list[float]] = {"python": [], "browser": [], "sending": []}
     peaks: list[dict[str, int]] = []
+    sending_peaks: list[dict[str, int]] = []
     try:
         source = work / "payload.bin"
         with open(source, "wb") as f:
@@ -61,8 +66,12 @@ def main() -> None:
             seconds, peak = browser_run(source, work / "downloads")
             rows["browser"].append(seconds)
             peaks.append(peak)
+            sent, sending_peak = browser_send_run(source, work / "out")
+            rows["sending"].append(sent)
+            sending_peaks.append(sending_peak)
             print(f"run {run + 1}/{args.runs}: python {size / rows['python'][-1] / 2**20:.0f} MiB/s, "
-                  f"browser {size / seconds / 2**20:.0f} MiB/s, renderer peak {peak['renderer'] / 1024:.0f} MiB",
+                  f"browser {size / seconds / 2**20:.0f} MiB/s, renderer peak {peak['renderer'] / 1024:.0f} MiB, "
+                  f"sending {size / sent / 2**20:.0f} MiB/s, renderer peak {sending_peak['renderer'] / 1024:.0f} MiB",
                   file=sys.stderr)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -72,7 +81,9 @@ def main() -> None:
     medians = {name: statistics.median(size / s / 2**20 for s in seconds) for name, seconds in rows.items()}
     print(f"python   {medians['python']:8.0f} MiB/s  (peer send → peer recv, TCP)")
     print(f"browser  {medians['browser']:8.0f} MiB/s  (peer send → Chromium, TCP sender, WebSocket page)")
-    print(f"browser / python: {medians['browser'] / medians['python']:.0%}")
+    print(f"sending  {medians['sending']:8.0f} MiB/s  (Chromium → peer recv, WebSocket page, TCP receiver)")
+    print(f"browser / python: {medians['browser'] / medians['python']:.0%}, "
+          f"sending / python: {medians['sending'] / medians['python']:.0%}")
     renderer = max(p["renderer"] for p in peaks) / 1024
     idle = max(p["idle"] for p in peaks) / 1024
     others = max(p["other"] for p in peaks) / 1024
@@ -81,6 +92,8 @@ def main() -> None:
           f"loaded, before the transfer), largest other Chromium process {others:.0f} MiB")
     print(f"  the renderer's own (anonymous) memory peaked at {private:.0f} MiB; the rest of its "
           f"resident size is Chromium's code and files mapped from disk")
+    print(f"sending: renderer {max(p['renderer'] for p in sending_peaks) / 1024:.0f} MiB, its own memory "
+          f"{max(p['private'] for p in sending_peaks) / 1024:.0f} MiB")
 
 
 def browser_run(source: Path, downloads: Path) -> tuple[float, dict[str, int]]:
@@ -135,6 +148,48 @@ def browser_run(source: Path, downloads: Path) -> tuple[float, dict[str, int]]:
         relay.wait(15)
         relay.stdout.close()
         shutil.rmtree(downloads, ignore_errors=True)
+
+
+def browser_send_run(source: Path, out_dir: Path) -> tuple[float, dict[str, int]]:
+    """One transfer from Chromium to ``peer recv``: (seconds, peak KiB as browser_run's)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    shutil.rmtree(out_dir, ignore_errors=True)
+    relay, ports = start_relay("--ws-port", "0")
+    try:
+        with chromium() as driver:
+            watch = MemoryWatch(driver.service.process.pid)
+            watch.start()
+            try:
+                wait = WebDriverWait(driver, 3600, poll_frequency=0.05)
+                driver.get(f"http://127.0.0.1:{ports[2]}/#send")
+                wait.until(lambda d: d.execute_script("return document.documentElement.dataset.page") == "ready")
+                driver.find_element(By.CSS_SELECTOR, 'input[type=file][data-role="send-files"]').send_keys(str(source))
+                send = wait.until(lambda d: visible(d, '[data-action="send"]'))
+                started = time.perf_counter()
+                send.click()
+                code = wait.until(lambda d: visible(d, '[data-role="code"]')).text
+                receiver = subprocess.run(
+                    [sys.executable, "-m", "peer", "recv", "--relay", f"127.0.0.1:{ports[0]}",
+                     "--secure-port", str(ports[1]), "-q", "-y", "-o", f"{out_dir}/", code],
+                    cwd=child_cwd(), env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                    timeout=3600)
+                state = wait.until(lambda d: visible(d, '[data-view="send"] [data-state]'))
+                seconds = time.perf_counter() - started
+                if receiver.returncode != 0:
+                    raise RuntimeError(f"peer recv failed: {receiver.stderr.decode(errors='replace')}")
+                if state.get_attribute("data-state") != "done":
+                    raise RuntimeError(f"the browser failed: {state.text}")
+            finally:
+                watch.stop()
+        same_bytes(source, out_dir / source.name)
+        return seconds, dict(watch.peaks)
+    finally:
+        relay.terminate()
+        relay.wait(15)
+        relay.stdout.close()
+        shutil.rmtree(out_dir, ignore_errors=True)
 
 
 def visible(driver, css: str):
