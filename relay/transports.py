@@ -49,6 +49,10 @@ ROOM_PATH = "/room"
 ROUTES = {HANDSHAKE_PATH: "handshake", ROOM_PATH: "room"}
 """WebSocket paths of the two ports; a proxy may serve them under a prefix of its own and
 strip it (see docs/websocket.md)."""
+KEEP_ALIVE_IDLE = 5.0
+"""Seconds a connection that was served a page waits for the browser's next request."""
+MAX_PAGE_REQUESTS = 100
+"""Page requests one connection may make; the answer to the last says Connection: close."""
 
 Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 
@@ -239,42 +243,59 @@ async def open_websocket(
     kind = "ws" if tls is None else "wss"
     stream: trio.abc.Stream = tcp
     answered = False  # the client got an HTTP error saying why: let it read that
-    problem: str | None
+    problem: str | None = None
     try:
         with trio.fail_after(timeout):
             if tls is not None:
                 stream = await open_tls(tcp, tls)
             try:
+                request: UpgradeRequest | PageRequest | None
                 if webapp is None:
-                    request: UpgradeRequest | PageRequest = await read_upgrade_request(stream)
+                    request = await read_upgrade_request(stream)
                 else:
                     request = await read_request(stream)
             except WebSocketError:
                 answered = True
                 raise
-            route = ROUTES.get(request.path.rstrip("/") or "/")
-            forwarded = _forwarded_identity(request, peer_host, peer_port, trusted_proxies)
-            if refusal is None and admit is not None and not isinstance(forwarded, str):
-                refusal = admit(forwarded)
-            if isinstance(request, PageRequest):
-                assert webapp is not None
-                answered = True
-                problem = await _serve_page(stream, request, route, webapp, refusal, forwarded)
-            elif refusal is not None:
-                problem = refusal
-                answered = True
-                await request.refuse(503, refusal)
-            elif route is None:
-                problem = f"no such endpoint {request.path!r} (use {HANDSHAKE_PATH} or {ROOM_PATH})"
-                answered = True
-                await request.refuse(404, problem)
-            elif isinstance(forwarded, str):
-                problem = forwarded
-                answered = True
-                await request.refuse(400, problem)
-            else:
-                websocket = await request.accept()
-                return WebSocketArrival(route, Endpoint(websocket, forwarded, kind, tcp.socket))
+        pages = 0
+        while request is not None:
+            with trio.fail_after(timeout):
+                route = ROUTES.get(request.path.rstrip("/") or "/")
+                forwarded = _forwarded_identity(request, peer_host, peer_port, trusted_proxies)
+                if refusal is None and admit is not None and not isinstance(forwarded, str):
+                    refusal = admit(forwarded)  # charged once per connection, however asked
+                if isinstance(request, PageRequest):
+                    assert webapp is not None
+                    answered = True
+                    pages += 1
+                    keep = KEEP_ALIVE_IDLE if request.keep_alive and pages < MAX_PAGE_REQUESTS else None
+                    problem = await _serve_page(stream, request, route, webapp, refusal, forwarded,
+                                                keep_alive=keep)
+                    if problem is not None or keep is None:
+                        break
+                elif refusal is not None:
+                    problem = refusal
+                    answered = True
+                    await request.refuse(503, refusal)
+                    break
+                elif route is None:
+                    problem = f"no such endpoint {request.path!r} (use {HANDSHAKE_PATH} or {ROOM_PATH})"
+                    answered = True
+                    await request.refuse(404, problem)
+                    break
+                elif isinstance(forwarded, str):
+                    problem = forwarded
+                    answered = True
+                    await request.refuse(400, problem)
+                    break
+                else:
+                    websocket = await request.accept()
+                    return WebSocketArrival(route, Endpoint(websocket, forwarded, kind, tcp.socket))
+            # A page was served on a kept connection: the next request (a page, or even the
+            # upgrade), unless the client leaves or stays silent for KEEP_ALIVE_IDLE.
+            request = None
+            with trio.move_on_after(min(KEEP_ALIVE_IDLE, timeout)):
+                request = await read_request(stream, again=True)
     except trio.TooSlowError:
         step = "TLS handshake" if tls is not None and stream is tcp else "WebSocket upgrade"
         problem = f"no {step} within {timeout:g} s"
@@ -292,9 +313,11 @@ async def open_websocket(
 
 
 async def _serve_page(stream: trio.abc.Stream, request: PageRequest, route: str | None,
-                      webapp: WebApp, refusal: str | None, forwarded: bytes | str) -> str | None:
+                      webapp: WebApp, refusal: str | None, forwarded: bytes | str,
+                      keep_alive: float | None = None) -> str | None:
     """Answer a plain request; return why it was refused (None when it was served, even
-    with a 404: a page that does not exist is an answer, not a problem of the relay)."""
+    with a 404: a page that does not exist is an answer, not a problem of the relay).
+    ``keep_alive``: the seconds the connection then waits for another request, if served."""
     head = request.method == "HEAD"
     if refusal is not None:
         problem: str | None = refusal
@@ -310,7 +333,7 @@ async def _serve_page(stream: trio.abc.Stream, request: PageRequest, route: str 
         problem = None
         answer = webapp.respond(request.method, request.target, request.headers)
         log.debug("page %s %s: %d", request.method, request.target[:200], answer.status)
-        response = answer.encode()
+        response = answer.encode(keep_alive=keep_alive)
     await stream.send_all(response)
     return problem
 

@@ -64,7 +64,8 @@ NOT_SERVED = "this relay does not serve the browser peer"
 
 @attrs.frozen
 class Response:
-    """A complete HTTP answer: what ``encode`` writes, then the connection is closed."""
+    """A complete HTTP answer: what ``encode`` writes. It says ``Connection: close``
+    unless encoded to keep the connection for another request."""
 
     status: int
     headers: tuple[tuple[str, str], ...]
@@ -74,12 +75,18 @@ class Response:
         """The value of header ``name`` (any case), or None."""
         return next((value for key, value in self.headers if key.lower() == name.lower()), None)
 
-    def encode(self) -> bytes:
+    def encode(self, *, keep_alive: float | None = None) -> bytes:
+        """The bytes to send; with ``keep_alive`` (seconds the connection waits idle for the
+        next request) the connection is kept, and the client told how long."""
         try:
             phrase = http.HTTPStatus(self.status).phrase
         except ValueError:
             phrase = "Error"
-        lines = [f"HTTP/1.1 {self.status} {phrase}", *(f"{k}: {v}" for k, v in self.headers)]
+        headers = list(self.headers)
+        if keep_alive is not None:
+            headers = [(k, v) for k, v in headers if k.lower() != "connection"]
+            headers += [("Connection", "keep-alive"), ("Keep-Alive", f"timeout={keep_alive:g}")]
+        lines = [f"HTTP/1.1 {self.status} {phrase}", *(f"{k}: {v}" for k, v in headers)]
         return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + self.body
 
 

@@ -359,15 +359,22 @@ class UpgradeRequest(_Head):
 class PageRequest(_Head):
     """A plain HTTP request (no WebSocket upgrade asked for): someone wants a page.
 
-    The caller answers it (``relay.webapp``) and closes the connection: one request per
-    connection, whatever follows it is never read.
+    The caller answers it (``relay.webapp``), then either closes the connection or, when
+    ``keep_alive``, reads the next request on it: a browser loading the page's thirty-odd
+    files then needs a few connections (and TLS handshakes), not one per file.
     """
 
-    def __init__(self, request: h11.Request) -> None:
+    def __init__(self, request: h11.Request, early: bytes = b"") -> None:
         self.method = request.method.decode("ascii")
         self.target = request.target.decode("ascii")
         self.path = self.target.split("?", 1)[0]
         self.headers = [(bytes(key), bytes(value)) for key, value in request.headers]
+        tokens = {t.strip() for value in self.header(b"connection") for t in value.lower().split(b",")}
+        # HTTP/1.1 keeps a connection unless told otherwise. A body (which we never read)
+        # or bytes already sent after the head (a pipelined request) end it, to stay simple.
+        body = self.header(b"transfer-encoding") or any(v.strip() != b"0" for v in self.header(b"content-length"))
+        self.keep_alive = (request.http_version == b"1.1" and b"close" not in tokens
+                           and not body and not early)
 
 
 async def read_upgrade_request(transport: trio.abc.Stream) -> UpgradeRequest:
@@ -381,14 +388,16 @@ async def read_upgrade_request(transport: trio.abc.Stream) -> UpgradeRequest:
     return request
 
 
-async def read_request(transport: trio.abc.Stream, *,
-                       pages: bool = True) -> UpgradeRequest | PageRequest:
+async def read_request(transport: trio.abc.Stream, *, pages: bool = True,
+                       again: bool = False) -> UpgradeRequest | PageRequest | None:
     """Read a client's request: a WebSocket upgrade, or (with ``pages``) a plain request.
 
     A request is a page request when it has no ``Upgrade: websocket`` header; it is left
     for the caller to answer. An upgrade goes on to wsproto's checks. What is not valid
     HTTP, or not a valid upgrade, is answered with an HTTP error saying what is wrong,
-    then raises ``WebSocketError``. h11 caps the request head at 16 KiB.
+    then raises ``WebSocketError``. h11 caps the request head at 16 KiB. ``again``: a
+    later request on a kept-alive connection, where a close before its first byte is the
+    client's normal goodbye: None then.
     """
     parser = h11.Connection(h11.SERVER)
     head_end = _HeadEnd()
@@ -398,6 +407,8 @@ async def read_request(transport: trio.abc.Stream, *,
         # but would take a huge one that arrived whole in one large read.
         data = await transport.receive_some(UPGRADE_READ)
         if not data:
+            if again and not head:
+                return None
             raise WebSocketError("closed before sending an upgrade request")
         part, early = head_end.split(data)
         head += part
@@ -409,7 +420,7 @@ async def read_request(transport: trio.abc.Stream, *,
         if isinstance(event, h11.Request):
             break
     if pages and not _asks_websocket(event):
-        return PageRequest(event)
+        return PageRequest(event, early)
     connection = wsproto.WSConnection(wsproto.ConnectionType.SERVER)
     try:
         connection.receive_data(bytes(head))

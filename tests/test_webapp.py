@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from peer.address import parse_relay
-from relay import webapp, wire
+from relay import transports, webapp, wire
 from relay.webapp import CSP, NOT_SERVED, WebApp, clean_path, file_of
 
 from processes import ROOT, child_env, ready_line, stop_quietly
@@ -55,11 +55,13 @@ def served_on_disk() -> dict[str, bytes]:
     return files
 
 
-def has_security_headers(headers) -> None:
+def has_security_headers(headers, connection: str = "close") -> None:
+    """``connection``: what the answer says of its connection (a served page over the wire
+    keeps it for the browser's next request)."""
     got = {name: value for name, value in headers}
     for name, value in SECURITY.items():
         assert got.get(name) == value, (name, got.get(name))
-    assert got.get("Connection") == "close"
+    assert got.get("Connection") == connection
     assert "Content-Length" in got
 
 
@@ -286,14 +288,14 @@ def test_the_relay_serves_the_page_with_every_header(relay):
         assert headers["Content-Type"] == "text/html; charset=utf-8"
     else:
         assert status == 404 and b"no index.html" in body
-    has_security_headers(headers.items())
+    has_security_headers(headers.items(), "keep-alive")
     assert headers["Content-Length"] == str(len(body))
     for name, expected in served_on_disk().items():
         status, headers, body = fetch(relay.ws_port, "/" + name)
         assert (status, body) == (200, expected), name
         assert headers["Content-Type"] == webapp.content_type(Path(name).name)
         assert re.fullmatch(r'"[0-9a-f]{32}"', headers["ETag"])
-        has_security_headers(headers.items())
+        has_security_headers(headers.items(), "keep-alive")
 
 
 def test_head_404_405_and_304_over_the_wire(relay):
@@ -301,11 +303,11 @@ def test_head_404_405_and_304_over_the_wire(relay):
     assert (status, body) == (200, b"")
     assert headers["Content-Length"] == str((APP / "vendor" / "noble.js").stat().st_size)
     # http.client would not show a HEAD's stray body: read the bytes themselves.
-    raw = raw_request(relay.ws_port, b"HEAD /vendor/noble.js HTTP/1.1\r\nHost: r\r\n\r\n")
+    raw = raw_request(relay.ws_port, b"HEAD /vendor/noble.js HTTP/1.1\r\nHost: r\r\nConnection: close\r\n\r\n")
     assert raw.endswith(b"\r\n\r\n") and raw.startswith(b"HTTP/1.1 200 ")
     status, headers, body = fetch(relay.ws_port, "/nothing.js")
     assert (status, body) == (404, b"not found\n")
-    has_security_headers(headers.items())
+    has_security_headers(headers.items(), "keep-alive")
     status, headers, body = fetch(relay.ws_port, "/", "POST")
     assert (status, headers["Allow"], body) == (405, "GET, HEAD", b"only GET and HEAD are served here\n")
     etag = fetch(relay.ws_port, "/vendor/noble.js")[1]["ETag"]
@@ -316,9 +318,109 @@ def test_head_404_405_and_304_over_the_wire(relay):
 @pytest.mark.parametrize("target", [t for t in TRAVERSALS if t.startswith("/") and "\x00" not in t
                                     and "\\" not in t])
 def test_traversal_over_the_wire(relay, target):
-    answer = raw_request(relay.ws_port, b"GET " + target.encode() + b" HTTP/1.1\r\nHost: r\r\n\r\n")
+    answer = raw_request(relay.ws_port, b"GET " + target.encode() + b" HTTP/1.1\r\nHost: r\r\n"
+                                        b"Connection: close\r\n\r\n")
     assert answer.startswith(b"HTTP/1.1 404 "), answer[:100]
     assert answer.endswith(b"\r\n\r\nnot found\n")
+
+
+class Answers:
+    """HTTP answers read one by one from a raw socket (head, then Content-Length bytes)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buffer = b""
+
+    def next(self) -> tuple[int, dict[str, str], bytes]:
+        while b"\r\n\r\n" not in self.buffer:
+            chunk = self.sock.recv(65536)
+            assert chunk, f"the relay closed the connection instead of answering: {self.buffer[:200]!r}"
+            self.buffer += chunk
+        head, self.buffer = self.buffer.split(b"\r\n\r\n", 1)
+        lines = head.decode("latin-1").split("\r\n")
+        headers = dict(line.split(": ", 1) for line in lines[1:])
+        length = int(headers["Content-Length"])
+        while len(self.buffer) < length:
+            chunk = self.sock.recv(65536)
+            assert chunk, "the relay closed the connection in the middle of an answer"
+            self.buffer += chunk
+        body, self.buffer = self.buffer[:length], self.buffer[length:]
+        return int(lines[0].split()[1]), headers, body
+
+    def closed_within(self, seconds: float) -> bool:
+        """Whether the relay closes the connection (nothing more said) within ``seconds``."""
+        self.sock.settimeout(seconds)
+        try:
+            return self.sock.recv(1) == b""
+        except TimeoutError:
+            return False
+
+
+def get(path: str, *extra: str) -> bytes:
+    return "\r\n".join([f"GET {path} HTTP/1.1", "Host: r", *extra, "", ""]).encode()
+
+
+def test_one_connection_serves_the_page_file_after_file(relay):
+    # A browser loads the page's thirty-odd files over a few kept connections, not one
+    # connection (and, over TLS, one handshake) each.
+    names = list(served_on_disk())
+    with socket.create_connection(("127.0.0.1", relay.ws_port), timeout=10) as sock:
+        answers = Answers(sock)
+        for name in names:
+            sock.sendall(get("/" + name))
+            status, headers, body = answers.next()
+            assert (status, body) == (200, served_on_disk()[name]), name
+            assert (headers["Connection"], headers["Keep-Alive"]) == ("keep-alive", "timeout=5")
+        sock.sendall(get("/nothing.js"))  # a 404 is an answer too: the connection stays
+        assert answers.next()[0] == 404
+        sock.sendall(get("/", "Connection: close"))  # the client's last request
+        status, headers, _ = answers.next()
+        assert (status, headers["Connection"]) == (200, "close")
+        assert answers.closed_within(5)
+
+
+def test_a_kept_connection_is_closed_when_idle_or_used_up_or_old_http(relay):
+    with socket.create_connection(("127.0.0.1", relay.ws_port), timeout=10) as sock:
+        answers = Answers(sock)
+        sock.sendall(get("/app.js"))
+        assert answers.next()[0] == 200
+        started = time.monotonic()
+        assert answers.closed_within(15)  # KEEP_ALIVE_IDLE, 5 s, with room for a slow host
+        assert time.monotonic() - started > 3
+    with socket.create_connection(("127.0.0.1", relay.ws_port), timeout=10) as sock:
+        answers = Answers(sock)
+        for count in range(1, transports.MAX_PAGE_REQUESTS + 1):
+            sock.sendall(get("/style.css"))
+            status, headers, _ = answers.next()
+            assert status == 200
+            assert headers["Connection"] == ("close" if count == transports.MAX_PAGE_REQUESTS else "keep-alive")
+        assert answers.closed_within(5)
+    with socket.create_connection(("127.0.0.1", relay.ws_port), timeout=10) as sock:
+        answers = Answers(sock)
+        sock.sendall(b"GET /app.js HTTP/1.0\r\n\r\n")
+        assert answers.next()[1]["Connection"] == "close"
+        assert answers.closed_within(5)
+    with socket.create_connection(("127.0.0.1", relay.ws_port), timeout=10) as sock:
+        answers = Answers(sock)
+        sock.sendall(get("/app.js") + get("/style.css"))  # pipelined: answered, then closed
+        assert answers.next()[1]["Connection"] == "close"
+        assert answers.closed_within(5)
+
+
+def test_a_websocket_upgrade_may_follow_pages_on_one_connection(relay):
+    with socket.create_connection(("127.0.0.1", relay.ws_port), timeout=10) as sock:
+        answers = Answers(sock)
+        sock.sendall(get("/app.js"))
+        assert answers.next()[0] == 200
+        sock.sendall(b"GET /handshake HTTP/1.1\r\nHost: r\r\nUpgrade: websocket\r\n"
+                     b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                     b"Sec-WebSocket-Version: 13\r\n\r\n")
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = sock.recv(4096)
+            assert chunk, head
+            head += chunk
+        assert head.startswith(b"HTTP/1.1 101 "), head[:100]
 
 
 def test_a_bad_request_line_gets_400(relay):
@@ -397,7 +499,7 @@ def test_no_web_app_and_its_reload(tmp_path):
     try:
         status, headers, body = fetch(running.ws_port, "/")
         assert (status, body) == (404, b"this relay does not serve the browser peer\n")
-        has_security_headers(headers.items())
+        has_security_headers(headers.items(), "keep-alive")
         assert fetch(running.ws_port, "/vendor/noble.js")[0] == 404
         assert say_hello(running.ws_port).startswith(b"127.0.0.1:")  # the endpoints stay
         settings.write_text("web-app = true\n")
@@ -440,7 +542,7 @@ def test_the_page_over_https_on_the_wss_port(tmp_path):
         context = ssl.create_default_context(cafile=str(certificates.ca))
         status, headers, body = fetch(running.ws_port, "/vendor/noble.js", context=context)
         assert (status, body) == (200, (APP / "vendor" / "noble.js").read_bytes())
-        has_security_headers(headers.items())
+        has_security_headers(headers.items(), "keep-alive")
         assert say_hello(running.ws_port, context).startswith(b"127.0.0.1:")
     finally:
         running.stop()
