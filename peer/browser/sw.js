@@ -19,6 +19,9 @@ const QUIET_LIMIT = 60_000;
 const CHECK_EVERY = 2_000;
 const END = Symbol('end');
 const RETURN_LAG = 2;  // chunks handed to the browser that we keep before giving them back
+// Only where we know how the browser reads a response stream, and test it: Chromium (the
+// one engine with navigator.userAgentData). Elsewhere chunks simply die here.
+const GIVE_BACK = typeof self.navigator?.userAgentData === 'object' && self.navigator.userAgentData !== null;
 
 const downloads = new Map();  // id → Download, from registration until it ends
 
@@ -84,7 +87,7 @@ class Download {
     // browser asks for a chunk (this pull) only once it has copied all of the previous one
     // out (Chromium's stream consumer keeps one chunk pending at a time); we give back the
     // one before that, a chunk of margin. The tests and the bench check every byte.
-    this.delivered.push(item);
+    if (GIVE_BACK) this.delivered.push(item);
     const back = this.delivered.length > RETURN_LAG ? this.delivered.shift() : null;
     if (back) this.port.postMessage({ type: 'taken', size, back }, [back.buffer]);
     else this.port.postMessage({ type: 'taken', size });
