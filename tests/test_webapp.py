@@ -3,6 +3,7 @@ then a real relay answering over plain sockets, and ``peer send`` printing the p
 
 from __future__ import annotations
 
+import contextlib
 import configparser
 import http.client
 import re
@@ -356,6 +357,13 @@ class Answers:
             return False
 
 
+@contextlib.contextmanager
+def kept_connection(relay):
+    """A raw connection to the relay's WebSocket port, and its answers."""
+    with socket.create_connection(("127.0.0.1", relay.ws_port), timeout=10) as sock:
+        yield sock, Answers(sock)
+
+
 def get(path: str, *extra: str) -> bytes:
     return "\r\n".join([f"GET {path} HTTP/1.1", "Host: r", *extra, "", ""]).encode()
 
@@ -364,8 +372,7 @@ def test_one_connection_serves_the_page_file_after_file(relay):
     # A browser loads the page's thirty-odd files over a few kept connections, not one
     # connection (and, over TLS, one handshake) each.
     names = list(served_on_disk())
-    with socket.create_connection(("127.0.0.1", relay.ws_port), timeout=10) as sock:
-        answers = Answers(sock)
+    with kept_connection(relay) as (sock, answers):
         for name in names:
             sock.sendall(get("/" + name))
             status, headers, body = answers.next()
@@ -380,36 +387,31 @@ def test_one_connection_serves_the_page_file_after_file(relay):
 
 
 def test_a_kept_connection_is_closed_when_idle_or_used_up_or_old_http(relay):
-    with socket.create_connection(("127.0.0.1", relay.ws_port), timeout=10) as sock:
-        answers = Answers(sock)
+    with kept_connection(relay) as (sock, answers):
         sock.sendall(get("/app.js"))
         assert answers.next()[0] == 200
         started = time.monotonic()
         assert answers.closed_within(15)  # KEEP_ALIVE_IDLE, 5 s, with room for a slow host
         assert time.monotonic() - started > 3
-    with socket.create_connection(("127.0.0.1", relay.ws_port), timeout=10) as sock:
-        answers = Answers(sock)
+    with kept_connection(relay) as (sock, answers):
         for count in range(1, transports.MAX_PAGE_REQUESTS + 1):
             sock.sendall(get("/style.css"))
             status, headers, _ = answers.next()
             assert status == 200
             assert headers["Connection"] == ("close" if count == transports.MAX_PAGE_REQUESTS else "keep-alive")
         assert answers.closed_within(5)
-    with socket.create_connection(("127.0.0.1", relay.ws_port), timeout=10) as sock:
-        answers = Answers(sock)
+    with kept_connection(relay) as (sock, answers):
         sock.sendall(b"GET /app.js HTTP/1.0\r\n\r\n")
         assert answers.next()[1]["Connection"] == "close"
         assert answers.closed_within(5)
-    with socket.create_connection(("127.0.0.1", relay.ws_port), timeout=10) as sock:
-        answers = Answers(sock)
+    with kept_connection(relay) as (sock, answers):
         sock.sendall(get("/app.js") + get("/style.css"))  # pipelined: answered, then closed
         assert answers.next()[1]["Connection"] == "close"
         assert answers.closed_within(5)
 
 
 def test_a_websocket_upgrade_may_follow_pages_on_one_connection(relay):
-    with socket.create_connection(("127.0.0.1", relay.ws_port), timeout=10) as sock:
-        answers = Answers(sock)
+    with kept_connection(relay) as (sock, answers):
         sock.sendall(get("/app.js"))
         assert answers.next()[0] == 200
         sock.sendall(b"GET /handshake HTTP/1.1\r\nHost: r\r\nUpgrade: websocket\r\n"
