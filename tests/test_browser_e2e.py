@@ -455,6 +455,28 @@ def test_the_browser_sends_a_picked_folder_to_peer_recv(relay, driver, downloads
     assert got == files
 
 
+def test_a_receiver_vanishing_mid_transfer_fails_the_sending_page_in_one_line(
+        relay, driver, downloads, peers, tmp_path):
+    # A sparse file: 256 MiB to read costs no disk, and lasts seconds through the page.
+    big = tmp_path / "big.bin"
+    with big.open("wb") as handle:
+        handle.truncate(256 * MiB)
+    open_page(driver, page(relay, "send"))
+    wait_shown(driver, 'input[type=file][data-role="send-files"]').send_keys(str(big))
+    wait_shown(driver, '[data-action="send"]').click()
+    code = wait_shown(driver, '[data-role="code"]').text
+    receiver = peers("recv", *relay.ws_args(), "-y", "-o", f"{tmp_path / 'out'}/", code, cwd=tmp_path)
+    wait_progress(driver, "send", 4 * MiB)
+    receiver.kill()
+
+    state, line = outcome(driver, "send")
+    # Which one depends on whether the relay's close reached the page cleanly.
+    assert state == "failed" and line in {
+        "The receiver went away before confirming the transfer",
+        "The connection through the relay was lost"}, line
+    assert not (tmp_path / "out" / "big.bin").exists()
+
+
 def test_one_browser_sends_to_another(relay, driver, downloads, tmp_path):
     first, second = tmp_path / "a.bin", tmp_path / "b.txt"
     first.write_bytes(os.urandom(2 * MiB + 3))

@@ -4,6 +4,7 @@
 // the reader), and `receive` hands the plaintexts out in order. Sending is pipelined too:
 // up to SEND_AHEAD records are being sealed or written while the caller prepares the next.
 
+import { LOST as LINK_LOST } from './link.js';
 import { CLOSE, CLOSED, MAX_RECORD_SIZE, Opener, RecordError, Sealer } from './records.js';
 
 export const LOST = 'the connection through the relay was lost';
@@ -13,7 +14,9 @@ const SEND_AHEAD = 8;
 export class ChannelError extends Error {}
 
 function why(error) {
-  return error && error.message ? ` (${error.message})` : '';
+  // The link's own "lost" would only say the same thing twice.
+  if (!error || !error.message || error.message === LINK_LOST) return '';
+  return ` (${error.message})`;
 }
 
 export class Channel {
