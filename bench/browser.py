@@ -24,6 +24,7 @@ at least 100 MiB/s, and a renderer under 300 MiB for 1 GiB.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import shutil
@@ -105,10 +106,9 @@ def browser_run(source: Path, downloads: Path) -> tuple[float, dict[str, int]]:
     code = generate_code()  # list words only: the page questions a code with others
     shutil.rmtree(downloads, ignore_errors=True)
     downloads.mkdir()
-    relay, ports = start_relay("--ws-port", "0")
     sender = None
     try:
-        with chromium(downloads) as driver:
+        with relay_with_page() as ports, chromium(downloads) as driver:
             watch = MemoryWatch(driver.service.process.pid)
             watch.start()
             try:
@@ -144,9 +144,6 @@ def browser_run(source: Path, downloads: Path) -> tuple[float, dict[str, int]]:
             sender.wait(10)
         if sender is not None:
             sender.stderr.close()
-        relay.terminate()
-        relay.wait(15)
-        relay.stdout.close()
         shutil.rmtree(downloads, ignore_errors=True)
 
 
@@ -156,9 +153,8 @@ def browser_send_run(source: Path, out_dir: Path) -> tuple[float, dict[str, int]
     from selenium.webdriver.support.ui import WebDriverWait
 
     shutil.rmtree(out_dir, ignore_errors=True)
-    relay, ports = start_relay("--ws-port", "0")
     try:
-        with chromium() as driver:
+        with relay_with_page() as ports, chromium() as driver:
             watch = MemoryWatch(driver.service.process.pid)
             watch.start()
             try:
@@ -186,10 +182,19 @@ def browser_send_run(source: Path, out_dir: Path) -> tuple[float, dict[str, int]
         same_bytes(source, out_dir / source.name)
         return seconds, dict(watch.peaks)
     finally:
+        shutil.rmtree(out_dir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def relay_with_page():
+    """A relay serving the page on a WebSocket port; its ports (handshake, room, WebSocket)."""
+    relay, ports = start_relay("--ws-port", "0")
+    try:
+        yield ports
+    finally:
         relay.terminate()
         relay.wait(15)
         relay.stdout.close()
-        shutil.rmtree(out_dir, ignore_errors=True)
 
 
 def visible(driver, css: str):
@@ -241,7 +246,7 @@ class MemoryWatch:
                 # Its own memory, not the code and files it maps from disk (shared with the
                 # other Chromium processes); polled, so a peak between polls may be missed.
                 private = kib.get("RssAnon", 0) + kib.get("RssShmem", 0)
-                self.peaks["private"] = max(self.peaks.get("private", 0), private)
+                self.peaks["private"] = max(self.peaks["private"], private)
 
 
 def status_kib(status: str) -> dict[str, int]:
