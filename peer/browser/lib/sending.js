@@ -72,7 +72,6 @@ export async function sendFiles(rendezvous, selection, { onProgress = () => {}, 
     publicBytes: rendezvous.senderPublic ?? null, publicDigest: rendezvous.publicDigest ?? null,
   });
   let current = null;
-  let hasher = null;
   let watching = null;  // the receiver's next message, read while files go out
   let stopped = null;   // what it said, if it spoke before the end
   const next = async (when) => {
@@ -118,10 +117,9 @@ export async function sendFiles(rendezvous, selection, { onProgress = () => {}, 
       progress.file = current.path;
       const file = files[item.index];
       await channel.send(session.beginFile());
-      hasher = new Blake3();
+      const hasher = new Blake3();
       await sendFile(channel, session, file, current, hasher, progress, check);
       await channel.send(session.endFile(hasher.digest()));
-      hasher = null;
       sent += 1;
       current = null;
     }
